@@ -13,3 +13,148 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+# ---------------------------------------------------------------- batched photometric ops
+# Each op takes float images in [0, 1], shape (B,3,H,W), and per-sample parameters (B,).
+# They follow torchvision.transforms.v2.functional's definitions (tested against it).
+
+
+def _per_sample(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1)
+
+
+def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def adjust_brightness(x, factor):
+    return (x * _per_sample(factor)).clamp_(0, 1)
+
+
+def adjust_contrast(x, factor):
+    mean = rgb_to_gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    f = _per_sample(factor)
+    return (f * x + (1 - f) * mean).clamp_(0, 1)
+
+
+def adjust_saturation(x, factor):
+    f = _per_sample(factor)
+    return (f * x + (1 - f) * rgb_to_gray(x)).clamp_(0, 1)
+
+
+def adjust_hue(x, shift):
+    """Rotate hue by `shift` (fraction of a turn, in [-0.5, 0.5]) through HSV."""
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    cr_div = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    h = torch.fmod(h + shift.view(-1, 1, 1) + 1.0, 1.0)
+    v = maxc
+    # HSV -> RGB
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int64) % 6
+    p = (v * (1.0 - s)).clamp(0, 1)
+    q = (v * (1.0 - s * f)).clamp(0, 1)
+    t = (v * (1.0 - s * (1.0 - f))).clamp(0, 1)
+    mask = i.unsqueeze(1) == torch.arange(6, device=x.device).view(1, -1, 1, 1)
+    a1 = torch.stack((v, q, p, p, t, v), dim=1)
+    a2 = torch.stack((t, v, v, q, p, p), dim=1)
+    a3 = torch.stack((p, p, t, v, v, q), dim=1)
+    a4 = torch.stack((a1, a2, a3), dim=1)  # (B, 3, 6, H, W)
+    return (a4 * mask.unsqueeze(1)).sum(dim=2)
+
+
+def solarize(x, apply):
+    return torch.where(_per_sample(apply) & (x >= 0.5), 1.0 - x, x)
+
+
+def gaussian_blur(x, sigma, kernel_size: int):
+    """Separable Gaussian blur with a per-sample sigma; reflect padding as torchvision."""
+    B, C, H, W = x.shape
+    half = (kernel_size - 1) * 0.5
+    pos = torch.linspace(-half, half, kernel_size, device=x.device)
+    k = torch.exp(-0.5 * (pos.view(1, -1) / sigma.view(-1, 1)) ** 2)
+    k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0)  # (B*C, K)
+    pad = kernel_size // 2
+    y = torch.nn.functional.pad(x.reshape(1, B * C, H, W), (pad, pad, pad, pad), mode="reflect")
+    y = torch.nn.functional.conv2d(y, k.view(B * C, 1, 1, kernel_size), groups=B * C)
+    y = torch.nn.functional.conv2d(y, k.view(B * C, 1, kernel_size, 1), groups=B * C)
+    return y.view(B, C, H, W)
+
+
+def sample_photometric_params(cfg, n: int, generator: torch.Generator) -> dict:
+    """Per-sample random parameters for one view group (drawn on the CPU, reproducibly)."""
+    u = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
+    b, c, s, h = cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue
+    lo = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h])
+    hi = torch.tensor([1 + b, 1 + c, 1 + s, h])
+    return {
+        "jitter": u(n) < cfg.jitter_p,
+        "factors": lo + (hi - lo) * u(n, 4),
+        "order": u(n, 4).argsort(dim=1),  # torchvision applies the four ops in random order
+        "gray": u(n) < cfg.gray_p,
+        "blur": u(n) < cfg.blur_p,
+        "sigma": cfg.blur_sigma[0] + (cfg.blur_sigma[1] - cfg.blur_sigma[0]) * u(n),
+        "solarize": u(n) < cfg.solarize_p,
+    }
+
+
+def apply_photometric(x: torch.Tensor, p: dict, cfg) -> torch.Tensor:
+    """Colour jitter (random order) -> grayscale -> blur -> solarize, as BYOL's pipeline."""
+    p = {k: v.to(x.device, non_blocking=True) for k, v in p.items()}
+    jitter = p["jitter"]
+    if cfg.jitter_p > 0:
+        for pos in range(4):
+            op = p["order"][:, pos]
+            for idx, fn in enumerate((adjust_brightness, adjust_contrast, adjust_saturation)):
+                if cfg_strength(cfg, idx) > 0:
+                    # identity factor 1 where this op is not selected: exactly a no-op
+                    f = torch.where(jitter & (op == idx), p["factors"][:, idx], torch.ones_like(jitter, dtype=x.dtype))
+                    x = fn(x, f)
+            if cfg.hue > 0:
+                sel = jitter & (op == 3)
+                x = torch.where(_per_sample(sel), adjust_hue(x, p["factors"][:, 3]), x)
+    if cfg.gray_p > 0:
+        x = torch.where(_per_sample(p["gray"]), rgb_to_gray(x).expand_as(x), x)
+    if cfg.blur_p > 0:
+        k = max(3, int(round(cfg.blur_kernel_frac * x.shape[-1])) | 1)
+        x = torch.where(_per_sample(p["blur"]), gaussian_blur(x, p["sigma"], k), x)
+    if cfg.solarize_p > 0:
+        x = solarize(x, p["solarize"])
+    return x
+
+
+def cfg_strength(cfg, idx: int) -> float:
+    return (cfg.brightness, cfg.contrast, cfg.saturation)[idx]
+
+
+def augment_batch(views: list[torch.Tensor], groups, seed: int, step: int, device, rank: int = 0,
+                  world_size: int = 1, channels_last: bool = True) -> list[torch.Tensor]:
+    """uint8 views (one tensor per view slot) -> augmented, normalised float views on `device`.
+
+    Parameters are drawn for the whole global batch from a generator seeded by (seed, step,
+    slot) and each rank takes its slice, so 1 process and N processes see the same images.
+    """
+    slots = [g for g in groups for _ in range(g.count)]
+    out = []
+    for slot, (v, cfg) in enumerate(zip(views, slots)):
+        n = v.shape[0]
+        gen = torch.Generator().manual_seed(hash((seed, step, slot)) & 0x7FFFFFFF)
+        params = sample_photometric_params(cfg, n * world_size, gen)
+        params = {k: t[rank * n:(rank + 1) * n] for k, t in params.items()}
+        x = v.to(device, non_blocking=True).float().div_(255.0)
+        x = normalize(apply_photometric(x, params, cfg))
+        out.append(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+    return out

@@ -1,0 +1,252 @@
+"""Typed configuration: YAML recipes, `key.sub=value` overrides, strict validation.
+
+A recipe is a YAML file (or a name in densessl/recipes/). `extends: other` merges the named
+recipe underneath. Overrides from the command line are parsed by OmegaConf's dotlist rules.
+The merged tree is then checked against the dataclasses below: an unknown key is rejected
+with the closest valid key suggested, a wrong type names the key, the expected type and the
+value. `method` is validated against the schema that the chosen method registers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ViewConfig:
+    """One group of crops: `count` crops of `size` px, with their augmentation."""
+    size: int = 64
+    count: int = 1
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    gray_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel_frac: float = 0.1  # kernel side as a fraction of the crop (BYOL: 23 px at 224)
+    solarize_p: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion_scenes"  # fashion_scenes | imagefolder
+    root: Optional[str] = None  # imagefolder: the folder; fashion_scenes: Fashion-MNIST IDX folder
+    num_scenes: int = 20000
+    size: int = 64  # fashion_scenes canvas side; imagefolder: resize+centre-crop side (null keeps)
+    seed: int = 0
+    num_workers: int = 2
+    on_error: str = "raise"  # imagefolder: raise | skip unreadable images
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18_small"
+    width: Optional[int] = None
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"  # lars | sgd | adamw
+    lr: float = 0.3  # base lr at batch 256; the applied lr is lr * batch_size / 256
+    weight_decay: float = 1e-6
+    weight_decay_end: Optional[float] = None  # cosine wd schedule end (None: constant)
+    momentum: float = 0.9
+    eta: float = 1e-3  # LARS trust coefficient
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = 10.0
+    min_lr: float = 0.0
+    clip_grad: Optional[float] = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 256  # global batch, split across ranks
+    steps_per_epoch: Optional[int] = None  # None: len(dataset) // batch_size
+    seed: int = 0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    channels_last: bool = True
+    sync_bn: bool = True  # only used when world size > 1
+    log_every: int = 10
+    ckpt_every: int = 100  # steps between `last` checkpoints
+    keep_every: int = 0  # steps between kept periodic checkpoints (0: none)
+    online_probe: bool = True
+    probe_lr: float = 0.1
+    device: str = "auto"  # auto | cpu | cuda
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    method: dict = field(default_factory=lambda: {"name": "byol"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    views: list[ViewConfig] = field(default_factory=lambda: [ViewConfig(), ViewConfig()])
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run_dir: str = "runs/default"
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str):
+    """Check `value` against annotation `tp`; return the value converted (lists -> tuples...)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"key '{key}' expects a mapping ({tp.__name__}), got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, key)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"key '{key}' expects a list, got {type(value).__name__} {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"key '{key}' expects {len(args)} values, got {len(value)}: {value!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        return origin(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is Any:
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"key '{key}' expects a mapping, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"key '{key}' expects {tp.__name__}, got bool {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"key '{key}' expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, path: str = ""):
+    """Build dataclass `cls` from a plain dict, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{(path + '.') if path else ''}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown key '{full}'{hint} (valid keys: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def find_recipe(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    candidate = RECIPES_DIR / f"{p.stem if p.suffix else name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    known = sorted(q.stem for q in RECIPES_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(str(name_or_path), known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"recipe '{name_or_path}' not found (a .yaml path or one of: {', '.join(known)}){hint}")
+
+
+def load_recipe_dict(name_or_path: str, _seen: tuple = ()) -> dict:
+    path = find_recipe(name_or_path)
+    if path in _seen:
+        raise ConfigError(f"recipe {path} extends itself through {_seen}")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    except Exception as e:  # yaml syntax errors
+        raise ConfigError(f"cannot parse recipe {path}: {e}") from e
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    base = load_recipe_dict(parent, _seen + (path,))
+    return OmegaConf.to_container(OmegaConf.merge(base, raw), resolve=False)
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply `key.sub=value` overrides (YAML-parsed values; `views.1.blur_p=0.1` indexes lists)."""
+    conf = OmegaConf.create(tree)
+    for o in overrides:
+        key, sep, text = o.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{o}' is not of the form key.sub=value")
+        try:
+            value = yaml.safe_load(text) if text else None
+            OmegaConf.update(conf, key, value, merge=True, force_add=True)
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"cannot apply override '{o}': {e}") from e
+    return OmegaConf.to_container(conf, resolve=True)
+
+
+def build_config(recipe: str | None, overrides: list[str] = ()) -> Config:
+    base = load_recipe_dict(recipe) if recipe else {}
+    tree = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(to_dict(Config())), OmegaConf.create(base)))
+    return config_from_dict(apply_overrides(tree, list(overrides)))
+
+
+def to_dict(cfg) -> dict:
+    def convert(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: convert(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [convert(x) for x in v]
+        if isinstance(v, dict):
+            return {k: convert(x) for k, x in v.items()}
+        return v
+
+    return convert(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = from_dict(Config, data)
+    from densessl.methods import method_config
+
+    cfg.method = method_config(cfg.method)
+    return cfg

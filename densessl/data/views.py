@@ -1,0 +1,148 @@
+"""CPU view sampling with geometry records, resumable data order, and collation.
+
+Every view carries its Geometry: the crop box in the source image in normalised coordinates
+(x0, y0, x1, y1 in [0, 1]), whether it was flipped, and its output size. Methods that need
+correspondences (PixPro, SCRL, SS-PRL) derive them from these records only.
+
+Randomness is a pure function of (seed, epoch, index): a view of sample i in epoch e is the
+same whichever worker draws it and whether or not the run was resumed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+from torchvision.transforms.v2 import functional as TF
+
+from densessl.config import ViewConfig
+
+
+@dataclass
+class Geometry:
+    box: tuple[float, float, float, float]  # crop in the source image, normalised x0, y0, x1, y1
+    flip: bool
+    size: tuple[int, int]  # output (h, w)
+
+
+def sample_crop(rng: np.random.Generator, height: int, width: int, scale, ratio) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (top, left, h, w) in pixels; the same rule as torchvision's."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    # Fallback: the central crop with the ratio clamped into range (as torchvision does).
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def crop_view(image: torch.Tensor, top: int, left: int, h: int, w: int, flip: bool, size: int) -> tuple[torch.Tensor, Geometry]:
+    """Crop a uint8 (3,H,W) image, resize to size x size (bilinear, antialiased), maybe flip."""
+    H, W = image.shape[-2:]
+    view = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+    if flip:
+        view = view.flip(-1)
+    geom = Geometry(box=(left / W, top / H, (left + w) / W, (top + h) / H), flip=flip, size=(size, size))
+    return view, geom
+
+
+class ViewSampler:
+    """Draws the views of one image from a list of ViewConfig groups (count crops each)."""
+
+    def __init__(self, groups: list[ViewConfig]):
+        self.groups = groups
+
+    def __call__(self, image: torch.Tensor, rng: np.random.Generator) -> tuple[list[torch.Tensor], list[Geometry]]:
+        H, W = image.shape[-2:]
+        views, geoms = [], []
+        for g in self.groups:
+            for _ in range(g.count):
+                top, left, h, w = sample_crop(rng, H, W, g.scale, g.ratio)
+                flip = bool(rng.random() < g.flip_p)
+                v, geo = crop_view(image, top, left, h, w, flip, g.size)
+                views.append(v)
+                geoms.append(geo)
+        return views, geoms
+
+
+class ViewDataset(Dataset):
+    """Wraps a dataset of {"image": uint8 (3,H,W), ...}; indexed by (epoch, index) pairs."""
+
+    def __init__(self, base: Dataset, sampler: ViewSampler, seed: int):
+        self.base, self.sampler, self.seed = base, sampler, seed
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        sample = self.base[index]
+        rng = np.random.default_rng([self.seed, epoch, index])
+        views, geoms = self.sampler(sample["image"], rng)
+        out = {"views": views, "geometry": geoms, "index": index}
+        for k in ("labels", "label"):  # targets for the online probe, when the dataset has them
+            if k in sample:
+                out[k] = sample[k]
+        return out
+
+
+def collate_views(samples: list[dict]) -> dict:
+    """uint8 views stacked per view slot; geometry as tensors: box (B,4), flip (B,)."""
+    n_views = len(samples[0]["views"])
+    batch = {
+        "views": [torch.stack([s["views"][v] for s in samples]) for v in range(n_views)],
+        "box": [torch.tensor([s["geometry"][v].box for s in samples], dtype=torch.float32) for v in range(n_views)],
+        "flip": [torch.tensor([s["geometry"][v].flip for s in samples]) for v in range(n_views)],
+        "index": torch.tensor([s["index"] for s in samples]),
+    }
+    for k in ("labels", "label"):
+        if k in samples[0]:
+            batch[k] = torch.stack([torch.as_tensor(s[k]) for s in samples])
+    return batch
+
+
+class ResumableBatchSampler(Sampler):
+    """Global batches from a per-epoch seeded permutation; each rank takes its slice.
+
+    Yields lists of (epoch, index). Starting at `start_step` skips exactly the batches a
+    killed run had already consumed, so a resumed run sees the same data order.
+    """
+
+    def __init__(self, n: int, global_batch: int, steps_per_epoch: int, seed: int, epoch: int,
+                 start_step: int = 0, rank: int = 0, world_size: int = 1):
+        if global_batch % world_size:
+            raise ValueError(f"train.batch_size={global_batch} must be divisible by the world size {world_size}")
+        if steps_per_epoch * global_batch > n and n < global_batch:
+            raise ValueError(f"dataset has {n} samples, fewer than one global batch of {global_batch}")
+        self.n, self.global_batch, self.steps = n, global_batch, steps_per_epoch
+        self.seed, self.epoch, self.start_step = seed, epoch, start_step
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self):
+        return self.steps - self.start_step
+
+    def __iter__(self):
+        per_rank = self.global_batch // self.world_size
+        needed = self.steps * self.global_batch
+        rng = np.random.default_rng([self.seed, self.epoch, 7])
+        # Enough permutations to cover steps_per_epoch (which may exceed one pass).
+        order = np.concatenate([rng.permutation(self.n) for _ in range(-(-needed // self.n))])
+        for step in range(self.start_step, self.steps):
+            chunk = order[step * self.global_batch:(step + 1) * self.global_batch]
+            mine = chunk[self.rank * per_rank:(self.rank + 1) * per_rank]
+            yield [(self.epoch, int(i)) for i in mine]

@@ -1,0 +1,359 @@
+"""The training loop: plain PyTorch, one step after another.
+
+Per step: look up lr / wd for this step, augment the uint8 views on the device, forward under
+autocast, backward, optimiser step, the method's after_step (EMA). Metrics stay on the device
+and are read only every `log_every` steps; a non-finite loss is detected there and before
+every checkpoint, so no checkpoint ever holds weights from a NaN step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from densessl.config import Config, save_config, to_dict
+from densessl.data.augment import augment_batch
+from densessl.data.build import build_dataset
+from densessl.data.views import ResumableBatchSampler, ViewDataset, ViewSampler, collate_views
+from densessl.engine import checkpoint as ckpt_io
+from densessl.engine.distributed import DistInfo, all_reduce_mean, convert_sync_batchnorm, init_distributed
+from densessl.engine.optim import build_optimizer
+from densessl.engine.schedules import warmup_cosine
+from densessl.methods import build_method
+from densessl.models.backbones import build_backbone
+
+# Keys that may differ between a run and its resumption without changing the result.
+RESUME_FREE_KEYS = {"train.progress", "train.log_every", "train.tensorboard", "train.device", "data.num_workers",
+                    "train.ckpt_every", "train.keep_every"}
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class TrainStep(nn.Module):
+    """The method plus the online probe, so one DDP wrapper averages both gradients."""
+
+    def __init__(self, method: nn.Module, probe: nn.Module | None):
+        super().__init__()
+        self.method, self.probe = method, probe
+
+    def forward(self, views, batch):
+        out = self.method(views, batch)
+        total = out["loss"]
+        if self.probe is not None:
+            logits = self.probe(out["features"].float())
+            if "labels" in batch:  # multi-hot: multi-label probe
+                probe_loss = F.binary_cross_entropy_with_logits(logits, batch["labels"].float())
+            else:
+                probe_loss = F.cross_entropy(logits, batch["label"])
+            out["probe_loss"] = probe_loss.detach()
+            out["probe_logits"] = logits.detach()
+            total = total + probe_loss
+        out["total_loss"] = total
+        return out
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: bf16 on GPUs that have it and on CPUs with AMX; fp16 on older GPUs."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_amx() else None
+
+
+def cpu_has_amx() -> bool:
+    try:
+        return bool(torch._C._cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dist_info: DistInfo | None = None):
+        self.cfg = cfg
+        self.dist = dist_info or init_distributed(cfg.train.device)
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        t = cfg.train
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        self.dataset = build_dataset(cfg.data, split="train")
+        self.steps_per_epoch = t.steps_per_epoch or len(self.dataset) // t.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"dataset has {len(self.dataset)} images, fewer than train.batch_size={t.batch_size}")
+        self.total_steps = t.epochs * self.steps_per_epoch
+        self.local_batch = t.batch_size // self.dist.world_size
+
+        backbone = build_backbone(cfg.model.backbone, cfg.model.width)
+        self.method = build_method(cfg.method, backbone)
+        sample = self.dataset[0]
+        probe = None
+        if t.online_probe and ("labels" in sample or "label" in sample):
+            n_classes = sample["labels"].numel() if "labels" in sample else len(getattr(self.dataset, "classes", [])) or 10
+            probe = nn.Linear(backbone.out_dim, n_classes)
+        self.step_module = TrainStep(self.method, probe)
+        device = self.dist.device
+        if self.dist.world_size > 1 and t.sync_bn:
+            self.step_module = convert_sync_batchnorm(self.step_module, device)
+            self.method = self.step_module.method
+        self.step_module.to(device)
+        if t.channels_last:
+            self.step_module.to(memory_format=torch.channels_last)
+        self.model = self.step_module
+        if self.dist.world_size > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.step_module, device_ids=[device.index] if device.type == "cuda" else None,
+                broadcast_buffers=False)
+
+        self.peak_lr = cfg.optim.lr * t.batch_size / 256
+        self.optimizer = build_optimizer(cfg.optim, [self.method], self.peak_lr)
+        if probe is not None:  # the probe trains at a fixed lr, no LARS, no wd
+            self.optimizer.add_param_group({"params": list(self.step_module.probe.parameters()), "lr": t.probe_lr,
+                                            "weight_decay": 0.0, "lars_exclude": True, "fixed_lr": True,
+                                            "wd_scale": 0.0})
+        self.amp_dtype = resolve_precision(t.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.step = 0
+        self.log_file = None
+        self.writer = None
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        return {
+            "format": ckpt_io.FORMAT,
+            "step": self.step,
+            "config": to_dict(self.cfg),
+            "method": self.method.state_dict(),
+            "probe": self.step_module.probe.state_dict() if self.step_module.probe is not None else {},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict, path: Path) -> None:
+        saved = _flatten(state["config"])
+        current = _flatten(to_dict(self.cfg))
+        differ = sorted(k for k in set(saved) | set(current)
+                        if saved.get(k) != current.get(k) and k not in RESUME_FREE_KEYS)
+        if differ:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ[:6])
+            raise ValueError(f"{path} was written with a different config ({detail}); resume with the same "
+                             f"settings, or choose a new run_dir")
+        self.method.load_state_dict(state["method"])
+        if self.step_module.probe is not None:
+            self.step_module.probe.load_state_dict(state["probe"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = state["step"]
+
+    def save_checkpoint(self, bad: torch.Tensor) -> None:
+        self.check_finite(bad)
+        if not self.dist.is_main:
+            return
+        state = self.state_dict()
+        ckpt_io.save_atomic(state, self.ckpt_dir / "last.pt")
+        keep = self.cfg.train.keep_every
+        if keep and self.step % keep == 0:
+            ckpt_io.save_atomic(state, self.ckpt_dir / f"step_{self.step:07d}.pt")
+
+    def check_finite(self, bad: torch.Tensor) -> None:
+        if bool(all_reduce_mean(bad.float()) > 0):
+            last = self.ckpt_dir / "last.pt"
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint had been written yet"
+            raise NonFiniteLossError(
+                f"the loss became NaN or inf at or before step {self.step}; training stopped and {kept} "
+                f"(it was not overwritten). Lower optim.lr, set optim.clip_grad, or try train.precision=fp32.")
+
+    # ------------------------------------------------------------------ loop
+
+    def _loader(self, epoch: int, start: int) -> DataLoader:
+        t = self.cfg.train
+        views = ViewDataset(self.dataset, ViewSampler(self.cfg.views), seed=t.seed)
+        sampler = ResumableBatchSampler(len(self.dataset), t.batch_size, self.steps_per_epoch, t.seed, epoch,
+                                        start, self.dist.rank, self.dist.world_size)
+        nw = self.cfg.data.num_workers
+        return DataLoader(views, batch_sampler=sampler, collate_fn=collate_views, num_workers=nw,
+                          pin_memory=self.dist.device.type == "cuda", persistent_workers=False,
+                          prefetch_factor=4 if nw > 0 else None)
+
+    def _set_schedules(self) -> None:
+        o = self.cfg.optim
+        warmup = int(round(o.warmup_epochs * self.steps_per_epoch))
+        lr = warmup_cosine(self.step, self.total_steps, warmup, self.peak_lr, o.min_lr * self.cfg.train.batch_size / 256)
+        wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
+        wd = warmup_cosine(self.step, self.total_steps, 0, o.weight_decay, wd_end)
+        for g in self.optimizer.param_groups:
+            if not g.get("fixed_lr"):
+                g["lr"] = lr
+                g["weight_decay"] = wd * g.get("wd_scale", 1.0)
+        self.current_lr = lr
+
+    def fit(self) -> dict:
+        t = self.cfg.train
+        device = self.dist.device
+        last = self.ckpt_dir / "last.pt"
+        if last.exists():
+            self.load_state_dict(ckpt_io.load_checkpoint(last), last)
+            if self.dist.is_main:
+                print(f"resuming from {last} at step {self.step}/{self.total_steps}", flush=True)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            self._open_logs()
+        bad = torch.zeros((), dtype=torch.bool, device=device)
+        sums: dict[str, torch.Tensor] = {}
+        n_sum = 0
+        t_log, step_log = time.perf_counter(), self.step
+        bar = self._progress()
+        self.model.train()
+        while self.step < self.total_steps:
+            epoch, start = divmod(self.step, self.steps_per_epoch)
+            probe_scores, probe_targets = [], []
+            for batch in self._loader(epoch, start):
+                self._set_schedules()
+                views = augment_batch(batch["views"], self.cfg.views, t.seed, self.step, device,
+                                      self.dist.rank, self.dist.world_size, t.channels_last)
+                batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                    out = self.model(views, batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(out["total_loss"]).backward()
+                if self.cfg.optim.clip_grad:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.optim.clip_grad)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.method.after_step(self.step, self.total_steps)
+                self.step += 1
+
+                bad |= ~torch.isfinite(out["loss"].detach())
+                for k, v in out.items():
+                    if torch.is_tensor(v) and v.ndim == 0:
+                        sums[k] = sums.get(k, 0) + v.detach().float()
+                n_sum += 1
+                if "probe_logits" in out:
+                    probe_scores.append(out["probe_logits"].float())
+                    probe_targets.append(batch["labels"] if "labels" in batch else batch["label"])
+                if self.step % t.log_every == 0 or self.step == self.total_steps:
+                    self.check_finite(bad)
+                    now = time.perf_counter()
+                    ips = (self.step - step_log) * t.batch_size / max(now - t_log, 1e-9)
+                    record = {k: float(all_reduce_mean(v / n_sum)) for k, v in sums.items()}
+                    record.update(step=self.step, epoch=self.step / self.steps_per_epoch, lr=self.current_lr,
+                                  momentum=getattr(self.method, "momentum", None), images_per_s=ips)
+                    self._log(record)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{ips:.0f}")
+                    sums, n_sum, t_log, step_log = {}, 0, now, self.step
+                if bar is not None:
+                    bar.update(1)
+                if self.step % t.ckpt_every == 0 or self.step == self.total_steps:
+                    self.save_checkpoint(bad)
+            if probe_scores:
+                self._log_probe_epoch(epoch, torch.cat(probe_scores), torch.cat(probe_targets))
+        if bar is not None:
+            bar.close()
+        self.save_checkpoint(bad)
+        if self.dist.is_main:
+            self._close_logs()
+            plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+        return {"step": self.step, "checkpoint": str(self.ckpt_dir / "last.pt")}
+
+    # ------------------------------------------------------------------ logs
+
+    def _progress(self):
+        if not (self.cfg.train.progress and self.dist.is_main):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=2.0)
+
+    def _open_logs(self) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():  # drop records past the checkpoint we resumed from: they will be redone
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.log_file = open(path, "a")
+        if self.cfg.train.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except ImportError:
+                self.writer = None
+
+    def _log(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
+        self.log_file.write(json.dumps(record) + "\n")
+        self.log_file.flush()
+        if self.writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step" and v is not None and math.isfinite(v):
+                    self.writer.add_scalar(f"train/{k}", v, record["step"])
+
+    def _log_probe_epoch(self, epoch: int, scores: torch.Tensor, targets: torch.Tensor) -> None:
+        if targets.ndim == 2:
+            from densessl.eval.metrics import mean_average_precision
+
+            value, _ = mean_average_precision(scores.cpu(), targets.cpu())
+            self._log({"step": self.step, "epoch": epoch + 1, "online_probe_mAP": value})
+        else:
+            acc = (scores.argmax(1) == targets).float().mean()
+            self._log({"step": self.step, "epoch": epoch + 1, "online_probe_top1": float(all_reduce_mean(acc))})
+
+    def _close_logs(self) -> None:
+        if self.log_file:
+            self.log_file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def plot_losses(metrics_path: Path, out_path: Path) -> None:
+    """A loss-curve PNG from metrics.jsonl (loss and, when present, the probe loss)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    records = [r for r in records if "loss" in r]
+    if not records:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [r["step"] for r in records]
+    ax.plot(steps, [r["loss"] for r in records], label="loss")
+    if "probe_loss" in records[0]:
+        ax.plot(steps, [r["probe_loss"] for r in records], label="online probe loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
