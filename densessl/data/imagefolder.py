@@ -1,0 +1,146 @@
+"""A folder of images as a dataset, labelled by sub-folder or unlabelled."""
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as TF
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class ImageReadError(ValueError):
+    """An image file could not be opened or decoded."""
+
+
+class ImageFolder(Dataset):
+    """Images under `root`, each item {"image": uint8 (3, H, W) RGB, "label": int64 scalar, "path": str}.
+
+    Layouts:
+      - labelled: `root/<class>/.../<image>`; classes are the sub-folder names, sorted (as in
+        torchvision), label = index in `self.classes`. Every class folder must hold an image.
+      - unlabelled: every image under `root`, recursively; items have no "label".
+      - `labelled=None` detects the layout: sub-folders holding images and no image directly in
+        `root` -> labelled; images directly in `root` and none in sub-folders -> unlabelled;
+        both -> ValueError (pass `labelled=` to choose).
+    Files are matched by extension, case-insensitively: .jpg .jpeg .png .bmp .webp; names that
+    start with "." (hidden files, macOS "._*" metadata) are ignored. Order is sorted by path.
+
+    Images are decoded with PIL and converted to RGB (grayscale, RGBA (alpha dropped), palette,
+    CMYK ...). With `size`, the shorter side is resized to `size` (bilinear, antialiased) and
+    the centre `size` x `size` crop is kept, so items can be batched.
+
+    Unreadable files (corrupt, truncated, not an image):
+      - `on_error="raise"` (default): reading one raises `ImageReadError` (a ValueError) naming
+        the file, when that item is loaded.
+      - `on_error="skip"`: every file is decoded once at construction (full decode, so
+        truncated files are caught; this costs one pass over the data), the unreadable ones are
+        dropped, their paths are kept in `self.skipped` and one warning gives the count.
+    An empty folder, or one with no image of the accepted extensions, raises FileNotFoundError.
+    """
+
+    def __init__(self, root: str | os.PathLike, labelled: bool | None = None, on_error: str = "raise",
+                 size: int | None = None):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if size is not None and (not isinstance(size, int) or size < 1):
+            raise ValueError(f"size must be a positive int or None, got {size!r}")
+        self.root = os.fspath(root)
+        self.on_error, self.size = on_error, size
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f"image folder {self.root!r} does not exist or is not a directory")
+
+        top_images = [os.path.join(self.root, f) for f in sorted(os.listdir(self.root))
+                      if _is_image(f) and os.path.isfile(os.path.join(self.root, f))]
+        subdirs = sorted(d for d in os.listdir(self.root)
+                         if not d.startswith(".") and os.path.isdir(os.path.join(self.root, d)))
+        per_class = {d: _walk_images(os.path.join(self.root, d)) for d in subdirs}
+        if labelled is None:
+            in_subdirs = any(per_class.values())
+            if top_images and in_subdirs:
+                raise ValueError(f"{self.root!r} has images both directly inside it and in sub-folders; "
+                                 f"pass labelled=True (sub-folders are classes, top-level images ignored) "
+                                 f"or labelled=False (all images, no labels)")
+            labelled = in_subdirs
+        self.labelled = labelled
+
+        if labelled:
+            self.classes = list(subdirs)
+            empty = [d for d in self.classes if not per_class[d]]
+            if not self.classes or empty:
+                what = f"class folder(s) {empty}" if empty else "no class sub-folders"
+                raise FileNotFoundError(f"labelled image folder {self.root!r}: {what} with images of the "
+                                        f"accepted extensions {list(IMAGE_EXTENSIONS)}")
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+            samples = [(p, self.class_to_idx[c]) for c in self.classes for p in per_class[c]]
+        else:
+            self.classes, self.class_to_idx = [], {}
+            samples = [(p, -1) for p in _walk_images(self.root)]
+            if not samples:
+                raise FileNotFoundError(f"no images in {self.root!r} (searched recursively for the accepted "
+                                        f"extensions {list(IMAGE_EXTENSIONS)})")
+
+        self.skipped: list[str] = []
+        if on_error == "skip":
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+                ok = list(pool.map(_readable, [p for p, _ in samples]))
+            self.skipped = [p for (p, _), good in zip(samples, ok) if not good]
+            samples = [s for s, good in zip(samples, ok) if good]
+            if self.skipped:
+                warnings.warn(f"ImageFolder {self.root!r}: skipped {len(self.skipped)} unreadable image(s) "
+                              f"(e.g. {self.skipped[0]!r}); their paths are in .skipped", stacklevel=2)
+            if not samples:
+                raise FileNotFoundError(f"no readable images in {self.root!r}: all {len(self.skipped)} failed "
+                                        f"to decode")
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        path, label = self.samples[index]
+        image = read_image_rgb(path)
+        if self.size is not None:
+            image = TF.center_crop(TF.resize(image, self.size, antialias=True), [self.size, self.size])
+        item = {"image": image, "path": path}
+        if self.labelled:
+            item["label"] = torch.tensor(label, dtype=torch.int64)
+        return item
+
+
+def read_image_rgb(path: str) -> torch.Tensor:
+    """Decode an image file to a uint8 RGB tensor (3, H, W); ImageReadError names the file on failure."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            array = np.asarray(img.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ImageReadError(f"could not decode image {path!r} ({type(err).__name__}: {err}); to drop "
+                             f"unreadable files, construct the dataset with on_error='skip'") from err
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _readable(path: str) -> bool:
+    try:
+        read_image_rgb(path)
+        return True
+    except ImageReadError:
+        return False
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _walk_images(folder: str) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
+    return sorted(found)
