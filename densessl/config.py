@@ -51,7 +51,7 @@ class DataConfig:
     dataset: str = "fashion_scenes"  # fashion_scenes | imagefolder
     root: Optional[str] = None  # imagefolder: the folder; fashion_scenes: Fashion-MNIST IDX folder
     num_scenes: int = 20000
-    size: int = 64  # fashion_scenes canvas side; imagefolder: resize+centre-crop side (null keeps)
+    size: Optional[int] = 64  # fashion_scenes canvas side; imagefolder: resize+centre-crop side (null keeps)
     seed: int = 0
     num_workers: int = 2
     on_error: str = "raise"  # imagefolder: raise | skip unreadable images
@@ -84,7 +84,7 @@ class TrainConfig:
     steps_per_epoch: Optional[int] = None  # None: len(dataset) // batch_size
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    channels_last: bool = True
+    channels_last: Optional[bool] = None  # None: auto (GPU yes; CPU no, measured faster there)
     sync_bn: bool = True  # only used when world size > 1
     log_every: int = 10
     ckpt_every: int = 100  # steps between `last` checkpoints

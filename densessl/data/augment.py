@@ -45,35 +45,27 @@ def adjust_saturation(x, factor):
 
 
 def adjust_hue(x, shift):
-    """Rotate hue by `shift` (fraction of a turn, in [-0.5, 0.5]) through HSV."""
-    r, g, b = x.unbind(1)
+    """Rotate hue by `shift` (fraction of a turn, in [-0.5, 0.5]) in HSV, as torchvision.
+
+    RGB -> (h, s, v) -> RGB with the closed form c_n = v - v s clamp(min(k, 4 - k), 0, 1),
+    k = (n + 6h) mod 6 for n = 5, 3, 1: the same values as the piecewise HSV formulas.
+    """
     maxc, _ = x.max(dim=1)
     minc, _ = x.min(dim=1)
-    eqc = maxc == minc
+    r, g, b = x.unbind(1)
     cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    cr_div = torch.where(eqc, ones, cr)
-    rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    h = torch.fmod(h + shift.view(-1, 1, 1) + 1.0, 1.0)
-    v = maxc
-    # HSV -> RGB
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int64) % 6
-    p = (v * (1.0 - s)).clamp(0, 1)
-    q = (v * (1.0 - s * f)).clamp(0, 1)
-    t = (v * (1.0 - s * (1.0 - f))).clamp(0, 1)
-    mask = i.unsqueeze(1) == torch.arange(6, device=x.device).view(1, -1, 1, 1)
-    a1 = torch.stack((v, q, p, p, t, v), dim=1)
-    a2 = torch.stack((t, v, v, q, p, p), dim=1)
-    a3 = torch.stack((p, p, t, v, v, q), dim=1)
-    a4 = torch.stack((a1, a2, a3), dim=1)  # (B, 3, 6, H, W)
-    return (a4 * mask.unsqueeze(1)).sum(dim=2)
+    flat = cr == 0
+    s = cr / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
+    crd = torch.where(flat, torch.ones_like(cr), cr)
+    h = torch.where(maxc == r, (g - b) / crd, torch.where(maxc == g, 2.0 + (b - r) / crd, 4.0 + (r - g) / crd))
+    h = torch.where(flat, torch.zeros_like(h), h)  # in sextants
+    h = torch.remainder(h + 6.0 * shift.view(-1, 1, 1), 6.0)
+    vs = maxc * s
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(n + h, 6.0)
+        channels.append(maxc - vs * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
+    return torch.stack(channels, dim=1)
 
 
 def solarize(x, apply):
@@ -125,7 +117,11 @@ def apply_photometric(x: torch.Tensor, p: dict, cfg) -> torch.Tensor:
                     x = fn(x, f)
             if cfg.hue > 0:
                 sel = jitter & (op == 3)
-                x = torch.where(_per_sample(sel), adjust_hue(x, p["factors"][:, 3]), x)
+                if x.is_cuda:  # no host sync: compute on all, keep where selected
+                    x = torch.where(_per_sample(sel), adjust_hue(x, p["factors"][:, 3]), x)
+                else:  # on CPU, the hue op is the costly one: only the selected samples
+                    idx = sel.nonzero().squeeze(1)
+                    x = x.index_copy(0, idx, adjust_hue(x[idx], p["factors"][idx, 3]))
     if cfg.gray_p > 0:
         x = torch.where(_per_sample(p["gray"]), rgb_to_gray(x).expand_as(x), x)
     if cfg.blur_p > 0:

@@ -9,7 +9,7 @@ def build_dataset(data_cfg, split: str = "train", with_masks: bool = False, sing
 
         n = num if num is not None else data_cfg.num_scenes
         if single_item:
-            return FashionItems(split=split, num_scenes=n, size=data_cfg.size, seed=data_cfg.seed, root=data_cfg.root)
+            return FashionItems(split=split, num_samples=n, size=data_cfg.size, seed=data_cfg.seed, root=data_cfg.root)
         return FashionScenes(split=split, num_scenes=n, size=data_cfg.size, seed=data_cfg.seed,
                              root=data_cfg.root, with_masks=with_masks)
     if data_cfg.dataset == "imagefolder":

@@ -74,10 +74,14 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 def cpu_has_amx() -> bool:
-    try:
-        return bool(torch._C._cpu._is_amx_tile_supported())
-    except AttributeError:
-        return False
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check()) if check is not None else False
+
+
+def resolve_channels_last(setting: bool | None, device: torch.device) -> bool:
+    """channels_last pays on GPUs; on CPUs with bf16 the default layout measured faster
+    (docs/performance.md), so `auto` (None) picks it per device."""
+    return device.type == "cuda" if setting is None else setting
 
 
 class Trainer:
@@ -108,7 +112,8 @@ class Trainer:
             self.step_module = convert_sync_batchnorm(self.step_module, device)
             self.method = self.step_module.method
         self.step_module.to(device)
-        if t.channels_last:
+        self.channels_last = resolve_channels_last(t.channels_last, device)
+        if self.channels_last:
             self.step_module.to(memory_format=torch.channels_last)
         self.model = self.step_module
         if self.dist.world_size > 1:
@@ -225,7 +230,7 @@ class Trainer:
             for batch in self._loader(epoch, start):
                 self._set_schedules()
                 views = augment_batch(batch["views"], self.cfg.views, t.seed, self.step, device,
-                                      self.dist.rank, self.dist.world_size, t.channels_last)
+                                      self.dist.rank, self.dist.world_size, self.channels_last)
                 batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
                 with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                     out = self.model(views, batch)

@@ -1,0 +1,142 @@
+"""The evaluation protocols behind `densessl eval`: one config, one function per protocol.
+
+Each protocol takes a backbone (pretrained, or the random-init baseline built by the very
+same code path) and returns a metrics dict. Features are extracted once per (backbone,
+split) and cached in memory; settings are written next to every number.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from densessl.config import DataConfig, ModelConfig, apply_overrides, from_dict, to_dict
+from densessl.data.build import build_dataset
+from densessl.eval.features import extract_features
+from densessl.eval.knn import knn_accuracy
+from densessl.eval.linear import train_linear_probe
+from densessl.models.backbones import build_backbone
+
+
+@dataclass
+class EvalConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # architecture of the `random` baseline
+    num_train: int = 5000
+    num_test: int = 2000
+    k: int = 20
+    temperature: float = 0.07
+    chunk_size: int = 256
+    epochs: int = 100
+    lr: float = 0.01  # on standardised features; swept on Fashion-MNIST features (eval/linear.py)
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 feature extraction
+    device: str = "auto"
+    out: str | None = None  # metrics.json path (default: next to the checkpoint)
+
+
+def eval_config(overrides: list[str]) -> EvalConfig:
+    return from_dict(EvalConfig, apply_overrides(to_dict(EvalConfig()), overrides))
+
+
+def load_eval_backbone(spec: str, cfg: EvalConfig):
+    """(backbone, description) for a checkpoint path or the word `random`."""
+    from densessl.engine.checkpoint import load_backbone
+
+    if spec == "random":
+        torch.manual_seed(cfg.seed)
+        return build_backbone(cfg.model.backbone, cfg.model.width), f"random-init {cfg.model.backbone}"
+    backbone, train_cfg = load_backbone(spec)
+    cfg.model = train_cfg.model
+    return backbone, f"{spec}"
+
+
+class FeatureCache:
+    """Features of one backbone on the train/test splits of the eval data, computed once."""
+
+    def __init__(self, backbone, cfg: EvalConfig):
+        from densessl.engine.distributed import pick_device
+
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.backbone = backbone.to(self.device)
+        self._cache: dict = {}
+
+    def get(self, single_item: bool, split: str):
+        key = (single_item, split)
+        if key not in self._cache:
+            c = self.cfg
+            n = c.num_train if split == "train" else c.num_test
+            if c.data.dataset != "fashion_scenes":
+                raise ValueError("the eval protocols read data.dataset=fashion_scenes here; VOC/COCO/ImageFolder "
+                                 "protocols come with the transfer tools")
+            ds = build_dataset(c.data, split=split, single_item=single_item, num=n)
+            dtype = torch.bfloat16 if c.precision == "bf16" else None
+            self._cache[key] = extract_features(self.backbone, ds, batch_size=256, device=self.device,
+                                                target_key="label" if single_item else "labels",
+                                                autocast_dtype=dtype)
+        return self._cache[key]
+
+
+def run_knn(cache: FeatureCache) -> dict:
+    c = cache.cfg
+    (xtr, ytr), (xte, yte) = cache.get(True, "train"), cache.get(True, "val")
+    acc = knn_accuracy(xtr, ytr, xte, yte, num_classes=10, k=c.k, temperature=c.temperature, chunk_size=c.chunk_size)
+    return {"knn_top1": acc, "settings": {"k": c.k, "temperature": c.temperature, "train": len(xtr), "test": len(xte),
+                                          "data": "FashionItems (single item per image)"}}
+
+
+def run_linear(cache: FeatureCache) -> dict:
+    c = cache.cfg
+    (xtr, ytr), (xte, yte) = cache.get(True, "train"), cache.get(True, "val")
+    res = train_linear_probe(xtr, ytr, xte, yte, multilabel=False, epochs=c.epochs, lr=c.lr,
+                             weight_decay=c.weight_decay, batch_size=c.batch_size, seed=c.seed, num_classes=10)
+    return {"linear_top1": res["top1"], "settings": {**_settings(res), "data": "FashionItems"}}
+
+
+def run_multilabel(cache: FeatureCache) -> dict:
+    c = cache.cfg
+    (xtr, ytr), (xte, yte) = cache.get(False, "train"), cache.get(False, "val")
+    res = train_linear_probe(xtr, ytr, xte, yte, multilabel=True, epochs=c.epochs, lr=c.lr,
+                             weight_decay=c.weight_decay, batch_size=c.batch_size, seed=c.seed)
+    return {"multilabel_mAP": res["mAP"], "settings": {**_settings(res), "data": "FashionScenes (multi-label)"}}
+
+
+def _settings(res: dict) -> dict:
+    """The probe's settings and diagnostics (its weights stay out of metrics.json)."""
+    return {k: v for k, v in res.items() if k not in ("top1", "mAP", "weight", "bias")}
+
+
+PROTOCOLS = {"knn": run_knn, "linear": run_linear, "multilabel": run_multilabel}
+
+
+def evaluate(spec: str, protocols: list[str], cfg: EvalConfig) -> dict:
+    """Run protocols on one backbone; returns {"backbone": ..., protocol: metrics, ...}."""
+    backbone, desc = load_eval_backbone(spec, cfg)
+    cache = FeatureCache(backbone, cfg)
+    result = {"backbone": desc, "model": asdict(cfg.model), "seed": cfg.seed}
+    for p in protocols:
+        t0 = time.perf_counter()
+        result[p] = PROTOCOLS[p](cache)
+        result[p]["seconds"] = round(time.perf_counter() - t0, 2)
+    return result
+
+
+def default_out(spec: str, protocol: str, cfg: EvalConfig) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    if spec == "random":
+        return Path("runs") / f"random-{cfg.model.backbone}" / "eval" / f"{protocol}.json"
+    p = Path(spec)
+    run_dir = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+    return run_dir / "eval" / f"{protocol}.json"
+
+
+def write_metrics(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -1,0 +1,29 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# A run small enough for seconds on 2 CPU cores: 8-wide small ResNet, 32-px scenes.
+TINY = [
+    "model.width=8", "method.proj_hidden_dim=32", "method.proj_dim=16", "method.pred_hidden_dim=32",
+    "data.num_scenes=64", "data.size=32", "data.num_workers=0", "views.0.size=32", "views.1.size=32",
+    "train.batch_size=16", "train.epochs=2", "train.progress=false", "train.tensorboard=false",
+    "train.log_every=1", "train.ckpt_every=2", "train.precision=fp32", "optim.warmup_epochs=0.5",
+]
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path):
+    return TINY + [f"run_dir={tmp_path / 'run'}"]
+
+
+def cli_command(*args) -> list[str]:
+    return [sys.executable, "-m", "densessl.cli", *args]
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env

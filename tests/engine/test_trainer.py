@@ -1,0 +1,118 @@
+"""End-to-end behaviour of the trainer on tiny runs: resume, kill, NaN, distributed."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, cli_command, subprocess_env
+from densessl.config import build_config
+from densessl.engine.checkpoint import load_checkpoint
+from densessl.engine.trainer import NonFiniteLossError, Trainer
+
+
+def weights(run_dir: Path) -> dict:
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["method"]
+
+
+def losses(run_dir: Path) -> dict:
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def test_short_run_writes_checkpoint_config_metrics_and_plot(tiny_overrides, tmp_path):
+    cfg = build_config("byol-scenes", tiny_overrides)
+    result = Trainer(cfg).fit()
+    run = tmp_path / "run"
+    assert result["step"] == 8  # 2 epochs x 64 scenes / 16
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 8 and ckpt["config"]["train"]["batch_size"] == 16
+    assert (run / "config.yaml").exists() and (run / "loss.png").stat().st_size > 1000
+    assert sorted(losses(run)) == list(range(1, 9))
+    # the target network moved by EMA, not by gradients: it differs from the online one
+    assert not torch.equal(ckpt["method"]["backbone.conv1.weight"], ckpt["method"]["target_backbone.conv1.weight"])
+
+
+def test_rerun_of_finished_run_resumes_and_does_nothing(tiny_overrides, tmp_path):
+    cfg = build_config("byol-scenes", tiny_overrides)
+    Trainer(cfg).fit()
+    before = weights(tmp_path / "run")
+    Trainer(build_config("byol-scenes", tiny_overrides)).fit()
+    after = weights(tmp_path / "run")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_with_a_different_config_is_refused(tiny_overrides):
+    Trainer(build_config("byol-scenes", tiny_overrides)).fit()
+    with pytest.raises(ValueError, match=r"optim.lr: 1.0 -> 2.0"):
+        Trainer(build_config("byol-scenes", tiny_overrides + ["optim.lr=2.0"])).fit()
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
+    args = TINY + ["train.epochs=3", "data.num_scenes=160", "train.ckpt_every=3"]  # 10 steps an epoch
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    env = subprocess_env()
+    subprocess.run(cli_command("pretrain", "byol-scenes", *args, f"run_dir={ref}"), check=True, env=env,
+                   capture_output=True)
+    proc = subprocess.Popen(cli_command("pretrain", "byol-scenes", *args, f"run_dir={killed}"), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (last.exists() and load_checkpoint(last)["step"] >= 12):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_at_kill = load_checkpoint(last)["step"]
+    assert 12 <= step_at_kill < 30 and step_at_kill % 10 != 0, "the kill must land mid-run and mid-epoch"
+    subprocess.run(cli_command("pretrain", "byol-scenes", *args, f"run_dir={killed}"), check=True, env=env,
+                   capture_output=True)
+    a, b = weights(ref), weights(killed)
+    assert load_checkpoint(last)["step"] == 30
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the metrics log was truncated to the checkpoint and redone: one record per step, equal values
+    assert losses(ref) == losses(killed)
+
+
+def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(tiny_overrides, tmp_path, monkeypatch):
+    cfg = build_config("byol-scenes", tiny_overrides)
+    trainer = Trainer(cfg)
+    forward = trainer.method.forward
+
+    def poisoned(views, batch):
+        out = forward(views, batch)
+        if trainer.step >= 5:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer.method, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="at or before step 6.*last good checkpoint"):
+        trainer.fit()
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["method"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(tmp_path):
+    args = TINY + ["train.epochs=1", "train.ckpt_every=100", "model.width=8"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    env = subprocess_env()
+    subprocess.run(cli_command("pretrain", "byol-scenes", *args, f"run_dir={one}"), check=True, env=env,
+                   capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                "-m", "densessl.cli", "pretrain", "byol-scenes", *args, f"run_dir={two}", "train.sync_bn=true"]
+    res = subprocess.run(torchrun, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    l1, l2 = losses(one), losses(two)
+    assert sorted(l1) == sorted(l2) == [1, 2, 3, 4]
+    for step in l1:
+        assert abs(l1[step] - l2[step]) < 1e-4 * max(1.0, abs(l1[step])), (step, l1[step], l2[step])
+    w1, w2 = weights(one), weights(two)
+    assert torch.allclose(w1["backbone.conv1.weight"], w2["backbone.conv1.weight"], atol=1e-4)

@@ -1,0 +1,72 @@
+import math
+
+import torch
+
+from densessl.engine.ema import ema_update_, make_target
+from densessl.engine.schedules import cosine_momentum
+from densessl.methods.byol import BYOL, BYOLConfig, byol_loss, regression_loss
+from densessl.models.backbones import build_backbone
+
+
+def test_regression_loss_hand_values():
+    x = torch.tensor([[3.0, 4.0]])
+    assert torch.allclose(regression_loss(x, x), torch.zeros(1))
+    assert torch.allclose(regression_loss(x, -x), torch.full((1,), 4.0))
+    # p = (1, 0), z = (1, 1): cos = 1/sqrt(2) -> 2 - sqrt(2)
+    assert torch.allclose(regression_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]])),
+                          torch.tensor([2 - math.sqrt(2)]))
+    # invariant to positive rescaling of either input
+    p, z = torch.randn(5, 8), torch.randn(5, 8)
+    assert torch.allclose(regression_loss(3 * p, 0.1 * z), regression_loss(p, z), atol=1e-6)
+
+
+def test_byol_loss_is_symmetric_sum_and_stops_gradient_at_targets():
+    p1, p2 = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6, requires_grad=True)
+    z1, z2 = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6, requires_grad=True)
+    loss = byol_loss(p1, p2, z1, z2)
+    expected = (regression_loss(p1, z2) + regression_loss(p2, z1)).mean()
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert z1.grad is None and z2.grad is None and p1.grad is not None
+
+
+def test_ema_update_hand_values_and_limits():
+    online, target = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        online.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        target.weight.copy_(torch.tensor([[3.0, 6.0]]))
+        online.bias.fill_(0.0)
+        target.bias.fill_(1.0)
+    ema_update_(target, online, 0.75)  # 0.75 * target + 0.25 * online
+    assert torch.allclose(target.weight, torch.tensor([[2.5, 5.0]])) and torch.allclose(target.bias, torch.tensor([0.75]))
+    before = target.weight.clone()
+    ema_update_(target, online, 1.0)
+    assert torch.equal(target.weight, before)
+    ema_update_(target, online, 0.0)
+    assert torch.equal(target.weight, online.weight)
+
+
+def test_cosine_momentum_schedule():
+    assert cosine_momentum(0, 100, 0.99) == 0.99
+    assert cosine_momentum(100, 100, 0.99) == 1.0
+    assert math.isclose(cosine_momentum(50, 100, 0.99), 0.995)
+
+
+def test_byol_target_gets_no_gradient_and_ema_runs_after_step():
+    torch.manual_seed(0)
+    cfg = BYOLConfig(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32, momentum_base=0.5)
+    m = BYOL(cfg, build_backbone("resnet18_small", 8))
+    views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
+    out = m(views, {})
+    out["loss"].backward()
+    assert all(p.grad is None for p in m.target_backbone.parameters())
+    assert all(not p.requires_grad for p in m.target_projector.parameters())
+    assert m.backbone.conv1.weight.grad is not None
+    assert 0 <= out["loss"].item() <= 8 and out["features"].shape == (4, 64)
+    # target starts equal to online; after an online change, after_step moves it half-way (m = 0.5 at step 0)
+    assert torch.equal(m.target_backbone.conv1.weight, m.backbone.conv1.weight)
+    with torch.no_grad():
+        m.backbone.conv1.weight.add_(1.0)
+    old = m.target_backbone.conv1.weight.clone()
+    m.after_step(0, 10)
+    assert torch.allclose(m.target_backbone.conv1.weight, 0.5 * old + 0.5 * m.backbone.conv1.weight)
