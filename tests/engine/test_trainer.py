@@ -101,7 +101,9 @@ def test_nan_loss_stops_run_and_keeps_last_good_checkpoint(tiny_overrides, tmp_p
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path):
-    args = TINY + ["train.epochs=1", "train.ckpt_every=100", "model.width=8"]
+    # a small lr keeps the run out of the chaotic regime where thread-count-level float noise
+    # grows to 1e-3 within a few steps; without synchronised BN the losses differ by ~0.1 at step 1
+    args = TINY + ["train.ckpt_every=100", "optim.lr=0.05"]
     one, two = tmp_path / "one", tmp_path / "two"
     env = subprocess_env()
     subprocess.run(cli_command("pretrain", "byol-scenes", *args, f"run_dir={one}"), check=True, env=env,
@@ -111,8 +113,10 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     res = subprocess.run(torchrun, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     l1, l2 = losses(one), losses(two)
-    assert sorted(l1) == sorted(l2) == [1, 2, 3, 4]
+    assert sorted(l1) == sorted(l2) == list(range(1, 9))
     for step in l1:
         assert abs(l1[step] - l2[step]) < 1e-4 * max(1.0, abs(l1[step])), (step, l1[step], l2[step])
     w1, w2 = weights(one), weights(two)
-    assert torch.allclose(w1["backbone.conv1.weight"], w2["backbone.conv1.weight"], atol=1e-4)
+    for k in w1:
+        if w1[k].is_floating_point():
+            assert torch.allclose(w1[k], w2[k], rtol=1e-3, atol=2e-4), k  # BN biases are ~1e-2
