@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 
 class ConfigError(ValueError):
     pass
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 @dataclass
@@ -90,6 +94,7 @@ class TrainConfig:
     ckpt_every: int = 100  # steps between `last` checkpoints
     keep_every: int = 0  # steps between kept periodic checkpoints (0: none)
     online_probe: bool = True
+    knn_every: int = 0  # steps between kNN monitors on held-out Fashion items (0: off)
     probe_lr: float = 0.1
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
@@ -151,6 +156,8 @@ def _coerce(value: Any, tp, key: str):
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"key '{key}' expects {tp.__name__}, got bool {value!r}")
     if not isinstance(value, tp):

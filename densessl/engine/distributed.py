@@ -109,3 +109,27 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def concat_all_gather(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate `t` from every rank along dim 0, in rank order (no gradient).
+
+    Used for queues of keys (MoCo, DenseCL, CGH): every rank enqueues the same global batch.
+    """
+    if world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over ranks in place (no gradient), e.g. Sinkhorn's marginals in SwAV."""
+    if world_size() > 1:
+        dist.all_reduce(t)
+    return t

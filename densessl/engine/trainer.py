@@ -121,6 +121,7 @@ class Trainer:
                 self.step_module, device_ids=[device.index] if device.type == "cuda" else None,
                 broadcast_buffers=False)
 
+        self.method.steps_per_epoch, self.method.total_steps = self.steps_per_epoch, self.total_steps
         self.peak_lr = cfg.optim.lr * t.batch_size / 256
         self.optimizer = build_optimizer(cfg.optim, [self.method], self.peak_lr)
         if probe is not None:  # the probe trains at a fixed lr, no LARS, no wd
@@ -231,11 +232,13 @@ class Trainer:
                 self._set_schedules()
                 views = augment_batch(batch["views"], self.cfg.views, t.seed, self.step, device,
                                       self.dist.rank, self.dist.world_size, self.channels_last)
-                batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                batch = _to_device({k: v for k, v in batch.items() if k != "views"}, device)
+                self.method.current_step = self.step
                 with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                     out = self.model(views, batch)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(out["total_loss"]).backward()
+                self.method.before_optimizer_step(self.step)
                 if self.cfg.optim.clip_grad:
                     self.scaler.unscale_(self.optimizer)
                     nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.optim.clip_grad)
@@ -267,6 +270,8 @@ class Trainer:
                     bar.update(1)
                 if self.step % t.ckpt_every == 0 or self.step == self.total_steps:
                     self.save_checkpoint(bad)
+                if t.knn_every and (self.step % t.knn_every == 0 or self.step == self.total_steps):
+                    self._knn_monitor()
             if probe_scores:
                 self._log_probe_epoch(epoch, torch.cat(probe_scores), torch.cat(probe_targets))
         if bar is not None:
@@ -321,11 +326,37 @@ class Trainer:
             acc = (scores.argmax(1) == targets).float().mean()
             self._log({"step": self.step, "epoch": epoch + 1, "online_probe_top1": float(all_reduce_mean(acc))})
 
+    def _knn_monitor(self) -> None:
+        """Weighted kNN (k=20, T=0.07) of the online backbone on held-out single items."""
+        if self.cfg.data.dataset != "fashion_scenes" or not self.dist.is_main:
+            return
+        from densessl.eval.features import extract_features
+        from densessl.eval.knn import knn_accuracy
+
+        if not hasattr(self, "_knn_data"):
+            self._knn_data = [build_dataset(self.cfg.data, split=s, single_item=True, num=n)
+                              for s, n in (("train", 2000), ("val", 1000))]
+        backbone = self.method.backbone
+        (xtr, ytr), (xte, yte) = [extract_features(backbone, ds, device=self.dist.device, target_key="label",
+                                                   autocast_dtype=self.amp_dtype) for ds in self._knn_data]
+        self._log({"step": self.step, "knn_top1": knn_accuracy(xtr, ytr, xte, yte, num_classes=10)})
+
     def _close_logs(self) -> None:
         if self.log_file:
             self.log_file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _to_device(batch: dict, device) -> dict:
+    """Tensors and lists of tensors (per-view geometry) to the device, without blocking."""
+    def move(v):
+        if torch.is_tensor(v):
+            return v.to(device, non_blocking=True)
+        if isinstance(v, list) and v and torch.is_tensor(v[0]):
+            return [x.to(device, non_blocking=True) for x in v]
+        return v
+    return {k: move(v) for k, v in batch.items()}
 
 
 def _flatten(d, prefix=""):

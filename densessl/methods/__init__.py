@@ -4,9 +4,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import pkgutil
 
 _REGISTRY: dict[str, tuple[type, type]] = {}
-_MODULES = ("byol",)
 
 
 def register(name: str, config_cls: type):
@@ -17,8 +17,10 @@ def register(name: str, config_cls: type):
 
 
 def _load_all():
-    for m in _MODULES:
-        importlib.import_module(f"densessl.methods.{m}")
+    """Import every method file in this folder (adding a method = adding a file)."""
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":
+            importlib.import_module(f"densessl.methods.{info.name}")
 
 
 def available() -> list[str]:

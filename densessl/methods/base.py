@@ -5,7 +5,11 @@ forward takes the augmented views (one float tensor per view slot, on the device
 collated batch (geometry: batch["box"], batch["flip"]), and returns a dict with "loss" plus
 named terms and statistics as 0-d tensors (the trainer logs them without host syncs), and
 "features": detached pooled backbone features of the first view for the online probe.
-`after_step(step, total_steps)` runs after each optimiser step (EMA updates live there).
+`after_step(step, total_steps)` runs after each optimiser step (EMA updates live there);
+`before_optimizer_step(step)` runs between backward and the optimiser step (e.g. SwAV drops
+the prototypes' gradient during its first iterations). Before each forward the trainer sets
+`current_step` (global step index) and, once, `steps_per_epoch` and `total_steps`, for
+methods whose loss weights or queues depend on the position in training.
 """
 from __future__ import annotations
 
@@ -21,6 +25,13 @@ class Method(nn.Module):
 
     def forward(self, views: list[torch.Tensor], batch: dict) -> dict:
         raise NotImplementedError
+
+    current_step: int = 0
+    steps_per_epoch: int = 1
+    total_steps: int = 1
+
+    def before_optimizer_step(self, step: int) -> None:
+        pass
 
     def after_step(self, step: int, total_steps: int) -> None:
         pass
