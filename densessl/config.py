@@ -48,6 +48,13 @@ class ViewConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_kernel_frac: float = 0.1  # kernel side as a fraction of the crop (BYOL: 23 px at 224)
     solarize_p: float = 0.0
+    # Pyramid patches (SS-PRL). grid > 0: one region per image is drawn with `scale`/`ratio`,
+    # resized to region_size x region_size (0: grid * size), cut into grid x grid cells, and
+    # each cell gives `count` patches of `size` px (a random crop inside the cell, own flip, own
+    # photometric augmentation): count * grid**2 view slots, view-major (all cells of patch
+    # view 0 in row-major order, then view 1, ...). grid = 0: plain crops, as before.
+    grid: int = 0
+    region_size: int = 0
 
 
 @dataclass

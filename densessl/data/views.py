@@ -61,16 +61,73 @@ def crop_view(image: torch.Tensor, top: int, left: int, h: int, w: int, flip: bo
     return view, geom
 
 
+def slots_per_group(g: ViewConfig) -> int:
+    """View slots a group emits: `count` crops, or count * grid**2 patches for a grid group."""
+    return g.count * g.grid * g.grid if g.grid > 0 else g.count
+
+
+def expand_slots(groups: list[ViewConfig]) -> list[ViewConfig]:
+    """The ViewConfig of every view slot, in slot order (a grid group repeats per patch)."""
+    return [g for g in groups for _ in range(slots_per_group(g))]
+
+
+def check_grid_group(g: ViewConfig, where: str = "views") -> None:
+    if g.grid < 0 or g.region_size < 0:
+        raise ValueError(f"{where}: grid={g.grid} and region_size={g.region_size} must be >= 0")
+    if g.grid > 0:
+        side = g.region_size or g.grid * g.size
+        if side // g.grid < g.size:
+            raise ValueError(f"{where}: region_size={side} cut into {g.grid}x{g.grid} cells gives cells of "
+                             f"{side // g.grid} px, smaller than the patch size {g.size}; "
+                             f"use region_size >= {g.grid * g.size}")
+
+
+def grid_patches(image: torch.Tensor, rng: np.random.Generator, g: ViewConfig) -> tuple[list[torch.Tensor], list[Geometry]]:
+    """SS-PRL's pyramid level: one region, resized to L x L, cut into grid x grid cells of
+    floor(L / grid) px (the remainder on the right and bottom is dropped); every cell gives
+    `count` patches, each a random size x size crop inside the cell, flipped with flip_p.
+
+    Slots are view-major: patch view 0 of every cell (row-major), then patch view 1, ...;
+    so slot v * grid**2 + k of every view v shows cell k. Boxes are in source coordinates.
+    """
+    H, W = image.shape[-2:]
+    top, left, h, w = sample_crop(rng, H, W, g.scale, g.ratio)
+    side = g.region_size or g.grid * g.size
+    region = TF.resized_crop(image, top, left, h, w, [side, side], antialias=True)
+    cell, P = side // g.grid, g.size
+    sx, sy = w / side, h / side  # region pixels -> source pixels
+    views, geoms = [], []
+    for _ in range(g.count):
+        for r in range(g.grid):
+            for c in range(g.grid):
+                y0 = r * cell + int(rng.integers(0, cell - P + 1))
+                x0 = c * cell + int(rng.integers(0, cell - P + 1))
+                flip = bool(rng.random() < g.flip_p)
+                patch = region[:, y0:y0 + P, x0:x0 + P]
+                views.append(patch.flip(-1) if flip else patch.clone())
+                box = ((left + x0 * sx) / W, (top + y0 * sy) / H, (left + (x0 + P) * sx) / W, (top + (y0 + P) * sy) / H)
+                geoms.append(Geometry(box=box, flip=flip, size=(P, P)))
+    return views, geoms
+
+
 class ViewSampler:
-    """Draws the views of one image from a list of ViewConfig groups (count crops each)."""
+    """Draws the views of one image from a list of ViewConfig groups (count crops each;
+    grid groups give count * grid**2 pyramid patches, see `grid_patches`)."""
 
     def __init__(self, groups: list[ViewConfig]):
         self.groups = groups
+        for i, g in enumerate(groups):
+            check_grid_group(g, f"views[{i}]")
 
     def __call__(self, image: torch.Tensor, rng: np.random.Generator) -> tuple[list[torch.Tensor], list[Geometry]]:
         H, W = image.shape[-2:]
         views, geoms = [], []
         for g in self.groups:
+            if g.grid > 0:
+                v, geo = grid_patches(image, rng, g)
+                views += v
+                geoms += geo
+                continue
             for _ in range(g.count):
                 top, left, h, w = sample_crop(rng, H, W, g.scale, g.ratio)
                 flip = bool(rng.random() < g.flip_p)
