@@ -1,4 +1,4 @@
-"""densessl command line: pretrain, eval, data, demo."""
+"""densessl command line: pretrain, eval, export, import, data, demo."""
 from __future__ import annotations
 
 import argparse
@@ -15,9 +15,23 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def _transfer_dataset(overrides: list[str]) -> str | None:
+    """The value of a `data.dataset=voc|coco` override, if any (the VOC/COCO transfer protocols)."""
+    value = None
+    for o in overrides:
+        key, _, text = o.partition("=")
+        if key.strip() == "data.dataset":
+            value = text.strip()
+    return value if value in ("voc", "coco") else None
+
+
 def cmd_eval(args) -> int:
     from densessl.eval.protocols import default_out, eval_config, evaluate, write_metrics
 
+    if args.protocol == "multilabel" and _transfer_dataset(args.overrides):
+        from densessl.eval.multilabel_transfer import run_cli
+
+        return run_cli(args.checkpoint, args.overrides)
     cfg = eval_config(args.overrides)
     result = evaluate(args.checkpoint, [args.protocol], cfg)
     out = default_out(args.checkpoint, args.protocol, cfg)
@@ -26,6 +40,39 @@ def cmd_eval(args) -> int:
     print(f"{'backbone':<40} " + " ".join(f"{k:>16}" for k in metric))
     print(f"{result['backbone'][-40:]:<40} " + " ".join(f"{v:>16.4f}" for v in metric.values()))
     print(f"settings: {result[args.protocol]['settings']}")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_eval_detection(args) -> int:
+    from densessl.eval.detection import run_cli
+
+    return run_cli(args.checkpoint, args.overrides)
+
+
+def cmd_eval_segmentation(args) -> int:
+    from densessl.eval.segmentation import run_cli
+
+    return run_cli(args.checkpoint, args.overrides)
+
+
+def cmd_export(args) -> int:
+    from densessl.interop import DETECTRON2_CONFIG, export_backbone, load_any_backbone
+
+    backbone = load_any_backbone(args.checkpoint)
+    out = export_backbone(backbone, args.to, args.out)
+    print(f"wrote {out} ({args.to}, {backbone.name}, {len(backbone.state_dict())} tensors)")
+    if args.to == "detectron2":
+        print("detectron2 config for these weights: " + " ".join(f"{k} {v}" for k, v in DETECTRON2_CONFIG.items()))
+    return 0
+
+
+def cmd_import(args) -> int:
+    from densessl.interop import import_official, save_imported
+
+    backbone, report = import_official(args.path, args.layout, arch=args.arch, drop=tuple(args.drop))
+    out = save_imported(backbone, args.out, source=f"{args.layout}:{args.path}")
+    print(report.summary())
     print(f"wrote {out}")
     return 0
 
@@ -52,8 +99,36 @@ def build_parser() -> argparse.ArgumentParser:
                         ("multilabel", "multi-label linear probe (BCE), mean average precision")]:
         q = ev_sub.add_parser(name, help=help_)
         q.add_argument("checkpoint", help="a densessl checkpoint, or the word 'random'")
-        q.add_argument("overrides", nargs="*", help="e.g. k=20 temperature=0.07 num_train=5000 model.backbone=...")
+        q.add_argument("overrides", nargs="*", help="e.g. k=20 temperature=0.07 num_train=5000 model.backbone=...; "
+                       "multilabel also takes data.dataset=voc|coco data.root=... (see docs/interop.md)")
         q.set_defaults(func=cmd_eval)
+    for name, help_, func in [
+            ("detection", "fine-tune Faster R-CNN + FPN on the backbone; COCO AP/AP50/AP75", cmd_eval_detection),
+            ("segmentation", "FCN/DeepLabV3 head on the backbone (frozen or fine-tuned); mIoU", cmd_eval_segmentation)]:
+        q = ev_sub.add_parser(name, help=help_)
+        q.add_argument("checkpoint", help="a densessl checkpoint, a densessl .safetensors backbone, or 'random'")
+        q.add_argument("overrides", nargs="*", help="key=value overrides, e.g. preset=scenes iterations=200 "
+                       "data.dataset=voc data.root=... (see docs/interop.md)")
+        q.set_defaults(func=func)
+
+    from densessl.interop import EXPORT_FORMATS, LAYOUTS
+
+    ex = sub.add_parser("export", help="export a backbone: safetensors, torchvision, timm or detectron2")
+    ex.add_argument("checkpoint", help="a densessl checkpoint or a densessl .safetensors backbone")
+    ex.add_argument("--to", choices=EXPORT_FORMATS, default="safetensors", help="format (default: safetensors)")
+    ex.add_argument("--out", required=True, help="file to write (.safetensors, .pth, .pkl)")
+    ex.set_defaults(func=cmd_export)
+
+    im = sub.add_parser("import", help="read an official checkpoint (MoCo, SwAV, PixPro, ...) into a densessl backbone",
+                        description="Layouts: " + "; ".join(f"{k}: {v.description}" for k, v in sorted(LAYOUTS.items())))
+    im.add_argument("layout", choices=sorted(LAYOUTS), help="the checkpoint's key layout")
+    im.add_argument("path", help="the official checkpoint file")
+    im.add_argument("--out", required=True, help="a densessl checkpoint (.pt) or a .safetensors backbone")
+    im.add_argument("--arch", default="auto", choices=("auto", "resnet18", "resnet50"),
+                    help="backbone architecture (default: inferred from the keys)")
+    im.add_argument("--drop", action="append", default=[], metavar="REGEX",
+                    help="also drop head keys matching REGEX (after the layout's prefix); repeatable")
+    im.set_defaults(func=cmd_import)
 
     d = sub.add_parser("data", help="the built-in Fashion-Scenes data: preview and exports")
     from densessl.data.commands import add_data_commands
@@ -69,11 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from densessl.config import ConfigError
+    from densessl.data.voc import AnnotationError
     from densessl.engine.checkpoint import CheckpointError
 
     try:
         return args.func(args) or 0
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, AnnotationError) as e:
         print(f"densessl: error: {e}", file=sys.stderr)
         return 2
 

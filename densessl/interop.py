@@ -1,0 +1,522 @@
+"""Backbone exports (safetensors, torchvision, timm, detectron2) and imports of official checkpoints.
+
+Exports take a densessl backbone (from a densessl checkpoint or a densessl safetensors file):
+
+- ``safetensors`` (default): the backbone state_dict with torchvision key names, plus metadata
+  ``format=densessl-backbone-v1, arch, width``; works for every densessl backbone.
+- ``torchvision``: the state_dict as a ``.pth`` (``torch.save``), without ``fc``. It loads
+  strictly into ``torchvision.models.resnet50()`` whose ``fc`` is replaced by
+  ``nn.Identity()`` (the usual feature extractor), or with ``strict=False`` and exactly
+  ``fc.weight, fc.bias`` missing when a fresh classifier is wanted.
+- ``timm``: the same keys (timm's ResNet uses torchvision's names); loads strictly into
+  ``timm.create_model("resnet50", pretrained=False, num_classes=0)``.
+- ``detectron2``: a pickle ``{"model": {name: numpy array}, "__author__": "densessl",
+  "matching_heuristics": True}`` with MoCo's renaming rules (spec §0): keys outside ``layer*``
+  get ``stem.``, ``layer1..4 -> res2..5``, ``bn1..3 -> conv1..3.norm``, ``downsample.0 ->
+  shortcut``, ``downsample.1 -> shortcut.norm``. ``num_batches_tracked`` is left out: the
+  keys are exactly those of detectron2's R-50 / R-18 backbone with its default FrozenBN
+  (``conv*.weight`` and ``*.norm.{weight,bias,running_mean,running_var}``). Use it with
+  ``INPUT.FORMAT RGB``, ``MODEL.PIXEL_MEAN [123.675, 116.28, 103.53]``,
+  ``MODEL.PIXEL_STD [58.395, 57.12, 57.375]``, ``MODEL.RESNETS.STRIDE_IN_1X1 False``
+  (see :data:`DETECTRON2_CONFIG`).
+
+``resnet18_small`` (3x3 stem, no max-pool, scaled widths) is not a torchvision architecture:
+exporting it to torchvision/timm/detectron2 is refused with a clear error.
+
+Imports (:func:`import_official`) read the checkpoint layouts of the official code of BYOL
+(SCRL's trainer), MoCo v2, SwAV, DenseCL, PixPro, SCRL, SS-PRL, GAELLE and CGH, plus plain
+torchvision state_dicts, densessl safetensors and detectron2 pickles, into a densessl
+backbone. Rules per layout are in :data:`LAYOUTS`. Loading is strict: after the layout's rules,
+every backbone key must be present with the right shape and every remaining key must be a
+known head key of that layout; otherwise :class:`InteropError` lists the missing / unexpected
+keys (``drop=`` adds explicit patterns for unknown heads). The only tolerated gap is
+``num_batches_tracked`` (absent from older checkpoints; set to 0). Files are read with
+``torch.load(weights_only=True)``; detectron2 ``.pkl`` files with an unpickler that only
+admits numpy arrays and plain containers, so nothing in a foreign file can run code.
+"""
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from densessl.engine.checkpoint import CheckpointError
+from densessl.models.backbones import Backbone, build_backbone
+
+SAFETENSORS_FORMAT = "densessl-backbone-v1"
+EXPORT_FORMATS = ("safetensors", "torchvision", "timm", "detectron2")
+TORCHVISION_ARCHS = ("resnet18", "resnet50")
+DETECTRON2_CONFIG = {
+    "INPUT.FORMAT": "RGB",
+    "MODEL.PIXEL_MEAN": [123.675, 116.28, 103.53],
+    "MODEL.PIXEL_STD": [58.395, 57.12, 57.375],
+    "MODEL.RESNETS.STRIDE_IN_1X1": False,
+    "MODEL.BACKBONE.FREEZE_AT": 0,
+    "MODEL.RESNETS.NORM": "SyncBN",
+}
+
+
+class InteropError(CheckpointError):
+    """An export or import cannot be done; the message says which file, key or architecture."""
+
+
+# ---------------------------------------------------------------- loading densessl backbones
+
+
+def backbone_arch(backbone: Backbone) -> tuple[str, int | None]:
+    """(arch name, width) of a densessl backbone (width only for *_small)."""
+    name = backbone.name
+    return name, (int(backbone.conv1.out_channels) if name.endswith("_small") else None)
+
+
+def load_safetensors_backbone(path: str | Path) -> Backbone:
+    """A densessl backbone from a safetensors file (densessl's export, or any torchvision-named
+    ResNet state_dict: the architecture is then inferred from the keys)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise InteropError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except Exception as e:
+        raise InteropError(f"{path}: cannot read safetensors ({type(e).__name__}: {str(e)[:200]})") from e
+    if meta.get("format") == SAFETENSORS_FORMAT:
+        width = int(meta["width"]) if meta.get("width") not in (None, "", "None") else None
+        arch = meta.get("arch", "")
+    else:
+        arch, width = infer_arch(state, path)
+    return build_strict(state, arch, width, path)
+
+
+def load_any_backbone(path: str | Path) -> Backbone:
+    """A densessl checkpoint (``.pt``) or a safetensors backbone file."""
+    from densessl.engine.checkpoint import load_backbone
+
+    if str(path).endswith(".safetensors"):
+        return load_safetensors_backbone(path)
+    backbone, _ = load_backbone(path)
+    return backbone
+
+
+def build_strict(state: dict, arch: str, width: int | None, source) -> Backbone:
+    """Build ``arch`` and load ``state`` strictly (missing ``num_batches_tracked`` tolerated)."""
+    try:
+        backbone = build_backbone(arch, width)
+    except ValueError as e:
+        raise InteropError(f"{source}: {e}") from None
+    expected = backbone.state_dict()
+    state = dict(state)
+    for k, v in expected.items():
+        if k.endswith("num_batches_tracked") and k not in state:
+            state[k] = torch.zeros_like(v)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs {arch} {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        raise InteropError(f"{source}: keys do not match a densessl {arch} backbone: " + _mismatch(missing, unexpected, shapes))
+    backbone.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+    return backbone
+
+
+def _mismatch(missing, unexpected, shapes=(), n: int = 8) -> str:
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if keys:
+            more = f" ... (+{len(keys) - n} more)" if len(keys) > n else ""
+            parts.append(f"{len(keys)} {label}: {', '.join(list(keys)[:n])}{more}")
+    return "; ".join(parts)
+
+
+def infer_arch(state: dict, source) -> tuple[str, int | None]:
+    """(arch, width) of a torchvision-named ResNet state_dict: resnet50, resnet18 or resnet18_small."""
+    if "conv1.weight" not in state:
+        raise InteropError(f"{source}: no 'conv1.weight': not a torchvision-named ResNet state_dict "
+                           f"(first keys: {', '.join(list(state)[:5])})")
+    blocks = []
+    for i in range(1, 5):
+        idx = {int(m.group(1)) for k in state if (m := re.match(rf"layer{i}\.(\d+)\.", k))}
+        blocks.append(max(idx) + 1 if idx else 0)
+    bottleneck = "layer1.0.conv3.weight" in state
+    stem = tuple(state["conv1.weight"].shape)
+    if bottleneck and blocks == [3, 4, 6, 3] and stem == (64, 3, 7, 7):
+        return "resnet50", None
+    if not bottleneck and blocks == [2, 2, 2, 2] and stem == (64, 3, 7, 7):
+        return "resnet18", None
+    if not bottleneck and blocks == [2, 2, 2, 2] and stem[1:] == (3, 3, 3):
+        return "resnet18_small", int(stem[0])
+    kind = "Bottleneck" if bottleneck else "BasicBlock"
+    raise InteropError(f"{source}: a ResNet with {kind} blocks {blocks} and stem {stem} is not a densessl "
+                       "backbone (resnet18, resnet50, resnet18_small)")
+
+
+# ---------------------------------------------------------------- exports
+
+
+def _export_state(backbone: Backbone) -> OrderedDict:
+    return OrderedDict((k, v.detach().cpu().contiguous()) for k, v in backbone.state_dict().items())
+
+
+def _require_torchvision_arch(backbone: Backbone, fmt: str) -> None:
+    arch, _ = backbone_arch(backbone)
+    if arch not in TORCHVISION_ARCHS:
+        raise InteropError(f"cannot export backbone {arch!r} to {fmt}: it is not a torchvision architecture "
+                           f"({fmt} has {', '.join(TORCHVISION_ARCHS)}); export it to safetensors instead")
+
+
+def detectron2_key(key: str) -> str | None:
+    """detectron2 name of a torchvision ResNet key (MoCo's rules); None for num_batches_tracked."""
+    if key.endswith("num_batches_tracked"):
+        return None
+    k = key
+    if "layer" not in k:
+        k = "stem." + k
+    for t in (1, 2, 3, 4):
+        k = k.replace(f"layer{t}", f"res{t + 1}")
+    for t in (1, 2, 3):
+        k = k.replace(f"bn{t}", f"conv{t}.norm")
+    k = k.replace("downsample.0", "shortcut")
+    k = k.replace("downsample.1", "shortcut.norm")
+    return k
+
+
+def torchvision_key_from_detectron2(key: str) -> str:
+    """Inverse of :func:`detectron2_key`."""
+    k = key
+    if k.startswith("stem."):
+        k = k[len("stem."):]
+    k = k.replace("shortcut.norm", "downsample.1").replace("shortcut", "downsample.0")
+    for t in (1, 2, 3):
+        k = k.replace(f"conv{t}.norm", f"bn{t}")
+    for t in (1, 2, 3, 4):
+        k = k.replace(f"res{t + 1}", f"layer{t}")
+    return k
+
+
+def to_detectron2(state: dict) -> dict:
+    """``{"model": {d2 key: numpy}, "__author__": "densessl", "matching_heuristics": True}``."""
+    model = {}
+    for k, v in state.items():
+        k2 = detectron2_key(k)
+        if k2 is not None:
+            model[k2] = v.detach().cpu().numpy()
+    return {"model": model, "__author__": "densessl", "matching_heuristics": True}
+
+
+def export_backbone(backbone: Backbone, fmt: str, out: str | Path) -> Path:
+    """Write ``backbone`` in format ``fmt`` (one of EXPORT_FORMATS) to ``out``; returns the path."""
+    from densessl.engine.checkpoint import save_atomic
+
+    if fmt not in EXPORT_FORMATS:
+        raise InteropError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = _export_state(backbone)
+    arch, width = backbone_arch(backbone)
+    if fmt == "safetensors" or (fmt in ("torchvision", "timm") and out.suffix == ".safetensors"):
+        from safetensors.torch import save_file
+
+        if fmt != "safetensors":
+            _require_torchvision_arch(backbone, fmt)
+        save_file(dict(state), str(out), metadata={"format": SAFETENSORS_FORMAT, "arch": arch,
+                                                   "width": "" if width is None else str(width)})
+    elif fmt in ("torchvision", "timm"):
+        _require_torchvision_arch(backbone, fmt)
+        save_atomic(dict(state), out)
+    else:
+        _require_torchvision_arch(backbone, fmt)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_bytes(portable_pickle(to_detectron2(state)))
+        tmp.replace(out)
+    return out
+
+
+def portable_pickle(obj) -> bytes:
+    """Pickle (protocol 3) whose numpy references read under numpy 1.x as well as 2.x.
+
+    numpy 2 pickles arrays as ``numpy._core.multiarray._reconstruct``, a module numpy < 1.26
+    lacks; the GLOBAL opcodes are rewritten to ``numpy.core.multiarray`` (which numpy 2 still
+    resolves). Protocol 3 has no frames and its memo refers to indices, not byte offsets, so
+    changing an opcode's length is safe.
+    """
+    import pickletools
+
+    data = pickle.dumps(obj, protocol=3)
+    ops = list(pickletools.genops(data))
+    out, last = [], 0
+    for i, (op, arg, pos) in enumerate(ops):
+        if op.name == "GLOBAL" and arg.startswith("numpy._core."):
+            module, name = arg.split(" ", 1)
+            end = ops[i + 1][2]
+            out += [data[last:pos], b"c" + module.replace("numpy._core.", "numpy.core.", 1).encode() + b"\n"
+                    + name.encode() + b"\n"]
+            last = end
+    out.append(data[last:])
+    return b"".join(out)
+
+
+# ---------------------------------------------------------------- reading foreign files
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Admits numpy arrays/scalars and plain containers; any other global is refused."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
+        ("builtins", "set"), ("builtins", "frozenset"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: only numpy arrays and plain "
+                                         "containers are allowed")
+        if module == "numpy.core.multiarray":
+            module = "numpy._core.multiarray"
+        return super().find_class(module, name)
+
+
+def read_file(path: str | Path):
+    """The object in a checkpoint file, read without running code."""
+    path = Path(path)
+    if not path.is_file():
+        raise InteropError(f"{path}: file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise InteropError(f"{path}: cannot read safetensors ({type(e).__name__}: {str(e)[:200]})") from e
+    if path.suffix == ".pkl":
+        try:
+            with open(path, "rb") as f:
+                return _NumpyOnlyUnpickler(f, encoding="latin1").load()
+        except Exception as e:
+            raise InteropError(f"{path}: cannot read pickle ({type(e).__name__}: {str(e)[:300]})") from e
+    try:
+        # argparse.Namespace (the run's arguments, saved by e.g. PixPro as 'opt') is a plain
+        # attribute bag; every other non-tensor global is still refused.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InteropError(f"{path}: cannot read checkpoint with torch.load(weights_only=True) "
+                           f"({type(e).__name__}: {str(e)[:300]})") from e
+
+
+# ---------------------------------------------------------------- official layouts
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How to find the online backbone in an official checkpoint.
+
+    containers: top-level keys tried in order for the state_dict (None: the object itself).
+    prefixes: prefixes of the online backbone's keys, tried in order; the first one that some
+      key starts with is used, the keys under it are the candidates, everything outside it
+      (momentum encoder, queues, other networks) is ignored and reported.
+    heads: regexes (matched at the start of a candidate key, after the prefix) of head keys
+      that are dropped and reported; any other candidate must be a backbone key.
+    index_map: Sequential-index renaming (SCRL): {"0": "conv1", ...} for the first component.
+    """
+    description: str
+    containers: tuple = (None,)
+    prefixes: tuple = ("",)
+    heads: tuple = ()
+    index_map: dict = field(default_factory=dict)
+    source: str = "torch"  # torch | detectron2
+
+
+_SWAV_HEADS = (r"projection_head\.", r"prototypes\.")
+_SCRL_INDEX = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+
+LAYOUTS: dict[str, Layout] = {
+    "torchvision": Layout("a torchvision ResNet state_dict (optionally under 'state_dict'/'model', optional "
+                          "'module.' prefix); fc dropped",
+                          containers=(None, "state_dict", "model"), prefixes=("module.", ""), heads=(r"fc\.",)),
+    "densessl": Layout("a densessl safetensors backbone", containers=(None,)),
+    "detectron2": Layout("a detectron2 pickle written with MoCo's renaming rules ({'model': {...}}); "
+                         "stem.fc.* (e.g. CGH's MLP) dropped", containers=("model", None), heads=(r"stem\.fc\.",),
+                         source="detectron2"),
+    "moco": Layout("MoCo v2 (facebookresearch/moco): 'state_dict' -> 'module.encoder_q.'; the MLP fc.* dropped",
+                   containers=("state_dict", None), prefixes=("module.encoder_q.", "encoder_q."), heads=(r"fc\.",)),
+    "densecl": Layout("DenseCL (OpenSelfSup/mmselfsup): 'state_dict' -> 'backbone.' (or 'encoder_q.0.'; "
+                      "already-extracted weights have no prefix)",
+                      containers=("state_dict", None),
+                      prefixes=("backbone.", "module.backbone.", "encoder_q.0.", "module.encoder_q.0.", ""),
+                      heads=(r"fc\.",)),
+    "pixpro": Layout("PixPro (zdaxie/PixPro): 'model' -> 'module.encoder.' (not encoder_k)",
+                     containers=("model", None), prefixes=("module.encoder.", "encoder."), heads=(r"fc\.",)),
+    "cgh": Layout("CGH (zaczgao/Cross-Context_Learning): 'net' -> 'module.encoder_q.' or 'encoder_q.'; "
+                  "the MLP fc.* dropped",
+                  containers=("net", None), prefixes=("module.encoder_q.", "encoder_q."), heads=(r"fc\.",)),
+    "swav": Layout("SwAV (facebookresearch/swav): optional 'state_dict', 'module.' prefix; projection_head.* "
+                   "and prototypes.* dropped",
+                   containers=("state_dict", None), prefixes=("module.", ""), heads=_SWAV_HEADS),
+    "ssprl": Layout("SS-PRL (SwAV fork): 'module.' prefix; projection_head, prototypes/ptypes, l_pro_head<s>, "
+                    "local_ptypes<s>, l2g_ptypes<s> dropped",
+                    containers=("state_dict", None), prefixes=("module.", ""),
+                    heads=_SWAV_HEADS + (r"ptypes\.", r"l_pro_head\d*\.", r"local_ptypes\d*\.", r"l2g_ptypes\d*\.")),
+    "gaelle": Layout("GAELLE (SwAV fork): 'module.' prefix; projection_head, local heads, prototypes, "
+                     "local_prototypes, l2g_prototypes dropped",
+                     containers=("state_dict", None), prefixes=("module.", ""),
+                     heads=_SWAV_HEADS + (r"local_projection_head\.", r"local_head\.", r"local_prototypes\.",
+                                          r"l2g_prototypes\.")),
+    "scrl": Layout("SCRL (kakaobrain/scrl): the online network's '*_state_dict'; backbone = "
+                   "Sequential(resnet children) with index keys encoder.0 -> conv1, encoder.1 -> bn1, "
+                   "encoder.4..7 -> layer1..4",
+                   containers=("online_network_state_dict", "online_state_dict", "online_net_state_dict",
+                               "model_state_dict", "state_dict", None),
+                   prefixes=("module.backbone.encoder.", "backbone.encoder.", "module.encoder.", "encoder."),
+                   index_map=_SCRL_INDEX),
+}
+LAYOUTS["byol"] = Layout("BYOL as trained by SCRL's code (scrl.enabled=False): the SCRL layout; the official "
+                         "JAX/haiku pickles are not read (they unpickle Python objects)",
+                         containers=LAYOUTS["scrl"].containers, prefixes=LAYOUTS["scrl"].prefixes,
+                         index_map=_SCRL_INDEX)
+
+
+@dataclass
+class ImportReport:
+    layout: str
+    arch: str
+    container: str | None
+    prefix: str
+    loaded: int
+    dropped: list
+    ignored: dict  # top-level name -> count of keys outside the prefix
+    filled: list  # num_batches_tracked keys set to 0
+
+    def summary(self) -> str:
+        s = (f"layout {self.layout}: {self.loaded} backbone tensors ({self.arch}) from "
+             f"{self.container or 'the top level'}{(' under ' + repr(self.prefix)) if self.prefix else ''}")
+        if self.dropped:
+            s += f"; dropped {len(self.dropped)} head keys ({', '.join(sorted({k.split('.')[0] for k in self.dropped}))})"
+        if self.ignored:
+            s += "; ignored keys outside the prefix: " + ", ".join(f"{k} ({n})" for k, n in self.ignored.items())
+        if self.filled:
+            s += f"; {len(self.filled)} num_batches_tracked absent (set to 0)"
+        return s
+
+
+def _is_state(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in obj.values())
+
+
+def _pick_container(obj, layout: Layout, path, name: str):
+    if not isinstance(obj, dict):
+        raise InteropError(f"{path}: expected a dict, got {type(obj).__name__}")
+    if layout.index_map and layout.containers and None in layout.containers:
+        # SCRL: any '*_state_dict' entry of the online network if the usual names are absent
+        for c in layout.containers:
+            if c is not None and isinstance(obj.get(c), dict):
+                return c, obj[c]
+        online = [k for k in obj if isinstance(k, str) and k.endswith("_state_dict") and "online" in k
+                  and isinstance(obj[k], dict)]
+        if len(online) == 1:
+            return online[0], obj[online[0]]
+    for c in layout.containers:
+        if c is None:
+            if _is_state(obj):
+                return None, obj
+        elif isinstance(obj.get(c), dict):
+            return c, obj[c]
+    top = ", ".join(map(str, list(obj)[:10]))
+    want = ", ".join(repr(c) for c in layout.containers if c is not None) or "a plain state_dict"
+    raise InteropError(f"{path}: layout {name!r} expects {want}; the file's top-level keys are: {top}")
+
+
+def _to_tensor(v) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+
+
+def extract_backbone_state(obj, layout_name: str, path="checkpoint", drop: tuple = ()) -> tuple[dict, ImportReport]:
+    """The torchvision-named backbone state of an official checkpoint object (see LAYOUTS)."""
+    if layout_name not in LAYOUTS:
+        raise InteropError(f"unknown layout {layout_name!r}; expected one of {', '.join(sorted(LAYOUTS))}")
+    layout = LAYOUTS[layout_name]
+    container, state = _pick_container(obj, layout, path, layout_name)
+    keys = [k for k in state if isinstance(k, str)]
+    prefix = next((p for p in layout.prefixes if any(k.startswith(p) for k in keys)), None)
+    if prefix is None:
+        top = Counter(k.split(".")[0] for k in keys)
+        raise InteropError(f"{path}: layout {layout_name!r}: no key starts with "
+                           f"{' or '.join(repr(p) for p in layout.prefixes)} (in {container or 'top level'}; "
+                           f"key groups: {', '.join(f'{k} ({n})' for k, n in top.most_common(8))}); "
+                           f"is this another layout? ({', '.join(sorted(LAYOUTS))})")
+    ignored = Counter(k.split(".")[0] for k in keys if not k.startswith(prefix))
+    heads = [re.compile(h) for h in layout.heads + tuple(drop)]
+    out, dropped, bad_index = {}, [], []
+    for k in keys:
+        if not k.startswith(prefix):
+            continue
+        rest = k[len(prefix):]
+        if any(h.match(rest) for h in heads):
+            dropped.append(rest)
+            continue
+        if layout.source == "detectron2":
+            rest = torchvision_key_from_detectron2(rest)
+        if layout.index_map:
+            first, _, tail = rest.partition(".")
+            if first not in layout.index_map:
+                bad_index.append(prefix + rest)
+                continue
+            rest = f"{layout.index_map[first]}.{tail}"
+        out[rest] = _to_tensor(state[k])
+    if bad_index:
+        raise InteropError(f"{path}: layout {layout_name!r}: {len(bad_index)} unexpected Sequential indices "
+                           f"(expected {', '.join(prefix + i for i in layout.index_map)}): "
+                           f"{', '.join(bad_index[:8])}")
+    report = ImportReport(layout_name, "", container, prefix, len(out), dropped, dict(ignored), [])
+    return out, report
+
+
+def import_official(path: str | Path, layout: str, arch: str = "auto", drop: tuple = ()
+                    ) -> tuple[Backbone, ImportReport]:
+    """A densessl backbone from an official checkpoint of the given layout (see LAYOUTS).
+
+    ``arch="auto"`` infers resnet18/resnet50 from the keys. ``drop``: extra regexes of head
+    keys (matched after the prefix) to leave out, for heads this module does not know.
+    """
+    path = Path(path)
+    if layout == "densessl":
+        backbone = load_safetensors_backbone(path)
+        n = len(backbone.state_dict())
+        return backbone, ImportReport("densessl", backbone.name, None, "", n, [], {}, [])
+    obj = read_file(path)
+    state, report = extract_backbone_state(obj, layout, path, drop)
+    if arch == "auto":
+        arch, width = infer_arch(state, f"{path} (layout {layout})")
+    else:
+        width = None
+    backbone = build_strict(state, arch, width, f"{path} (layout {layout})")
+    report.filled = [k for k in backbone.state_dict() if k.endswith("num_batches_tracked") and k not in state]
+    report.arch = arch
+    return backbone, report
+
+
+def save_imported(backbone: Backbone, out: str | Path, source: str = "") -> Path:
+    """Write an imported backbone: ``.safetensors`` (densessl export) or a densessl checkpoint
+    (``.pt``: ``densessl eval ...`` and ``load_backbone`` read it)."""
+    from densessl.config import Config, ModelConfig, to_dict
+    from densessl.engine.checkpoint import FORMAT, save_atomic
+
+    out = Path(out)
+    if out.suffix == ".safetensors":
+        return export_backbone(backbone, "safetensors", out)
+    arch, width = backbone_arch(backbone)
+    cfg = Config(model=ModelConfig(backbone=arch, width=width), run_dir=str(out.parent))
+    save_atomic({"format": FORMAT, "config": to_dict(cfg), "step": 0, "imported_from": str(source),
+                 "method": {f"backbone.{k}": v for k, v in _export_state(backbone).items()}}, out)
+    return out
