@@ -1,0 +1,198 @@
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import TINY
+from densessl.config import build_config
+from densessl.data.views import expand_slots
+from densessl.engine.trainer import Trainer
+from densessl.methods.ssprl import SSPRL, SSPRLConfig, l2g_loss, pool_patch_scores
+from densessl.methods.swav import cross_entropy_to_codes, sinkhorn
+from densessl.models.backbones import build_backbone
+
+
+def test_per_image_pooling_uses_only_that_images_patches():
+    cells, B, K = 4, 3, 2
+    # row k * B + i is patch k of image i; its value encodes (patch, image)
+    scores = torch.tensor([[100.0 * i + k, -(100.0 * i + k)] for k in range(cells) for i in range(B)])
+    pooled = pool_patch_scores(scores, cells)
+    assert pooled.shape == (B, K)
+    for i in range(B):
+        assert pooled[i, 0].item() == pytest.approx(100 * i + 1.5)  # mean of patches 0..3 of image i only
+        assert pooled[i, 1].item() == pytest.approx(-(100 * i + 1.5))
+
+
+def test_l2g_loss_hand_composition():
+    torch.manual_seed(0)
+    cells, B, Ks, K0 = 4, 3, 5, 6
+    learner = torch.nn.Linear(Ks, K0, bias=False)
+    views = [torch.randn(cells * B, Ks) for _ in range(2)]
+    codes = [sinkhorn(torch.randn(B, K0)) for _ in range(2)]
+    loss = l2g_loss(views, cells, learner, codes, 0.1)
+    expected = 0
+    for v in views:
+        logits = learner(torch.nn.functional.normalize(v.view(cells, B, Ks).mean(0), dim=1))
+        expected += sum(cross_entropy_to_codes(q, logits, 0.1) for q in codes)
+    assert torch.allclose(loss, expected / 4)
+
+
+def tiny_ssprl(**kw):
+    torch.manual_seed(0)
+    cfg = SSPRLConfig(**{"proj_hidden_dim": 32, "proj_dim": 128, "num_prototypes": 300,
+                         "local_prototypes": (150, 150), "queue_length": 0, "local_queue_lengths": (0, 0), **kw})
+    return SSPRL(cfg, build_backbone("resnet18_small", 8))
+
+
+def pyramid_views(B=8, seed=0):
+    """2 x 32 + 2 x 16 crops, then 2 x 4 patches of 12 px and 2 x 9 patches of 8 px."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [32, 32, 16, 16] + [12] * 8 + [8] * 18
+    return [torch.randn(B, 3, s, s, generator=g) for s in sizes]
+
+
+def test_shapes_and_initial_losses_are_about_ln_k():
+    m = tiny_ssprl()
+    t = m.terms(pyramid_views())
+    # random unit vectors: each CE ~ ln K + 1 / (2 d T^2), d the dimension of the cosines
+    glb = math.log(300) + 1 / (2 * 128 * 0.01)
+    loc = math.log(150) + 1 / (2 * 128 * 0.01)
+    l2g = math.log(300) + 1 / (2 * 150 * 0.01)  # the learner's input is a unit vector in R^K_s
+    assert abs(t["glb"].item() - glb) < 0.2 and abs(t["l2g_l1"].item() - l2g) < 0.2
+    for s in (1, 2):
+        assert abs(t[f"loc_l{s}"].item() - loc) < 0.2, (s, t[f"loc_l{s}"].item())
+        assert abs(t[f"l2g_l{s}"].item() - l2g) < 0.2, (s, t[f"l2g_l{s}"].item())
+    total = m(pyramid_views(), {})["loss"].item()
+    # the spec's ~11.06 for 300 / 150 / 150 and lambda 0.25 (plus the same offsets)
+    assert abs(total - (glb + 0.5 * loc + 0.5 * l2g)) < 0.3, total
+    assert math.log(300) + 0.5 * math.log(150) + 0.5 * math.log(300) == pytest.approx(11.06, abs=0.01)
+
+
+def _grads(m, loss):
+    m.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    return {n: (p.grad is not None and p.grad.abs().sum().item() > 0) for n, p in m.named_parameters()}
+
+
+def test_gradient_routing_of_each_term():
+    m = tiny_ssprl()
+    t = m.terms(pyramid_views())
+    g = _grads(m, t["l2g_l1"])
+    assert g["backbone.conv1.weight"] and g["local_heads.0.0.weight"] and g["local_prototypes.0.weight"]
+    assert g["l2g_prototypes.0.weight"]
+    assert not g["projector.0.weight"] and not g["prototypes.weight"]  # global codes are constants
+    assert not g["local_heads.1.0.weight"] and not g["l2g_prototypes.1.weight"]  # other level untouched
+    g = _grads(m, t["loc_l2"])
+    assert g["local_heads.1.0.weight"] and g["local_prototypes.1.weight"] and g["backbone.conv1.weight"]
+    assert not g["projector.0.weight"] and not g["prototypes.weight"] and not g["l2g_prototypes.1.weight"]
+    g = _grads(m, t["glb"])
+    assert g["projector.0.weight"] and g["prototypes.weight"] and not g["local_heads.0.0.weight"]
+
+
+def test_all_three_prototype_kinds_renormalised_and_frozen():
+    m = tiny_ssprl(freeze_prototypes_iters=3)
+    with torch.no_grad():
+        for layer in m.prototype_layers():
+            layer.weight.mul_(2.0)
+    out = m(pyramid_views(), {})
+    assert len(m.prototype_layers()) == 5
+    for layer in m.prototype_layers():
+        assert torch.allclose(layer.weight.norm(dim=1), torch.ones(layer.weight.shape[0]), atol=1e-5)
+    out["loss"].backward()
+    m.before_optimizer_step(2)
+    assert all(layer.weight.grad is None for layer in m.prototype_layers())
+    assert m.local_heads[0][0].weight.grad is not None
+
+
+def queue_model(faithful):
+    # B = 8: global queue 32 rows (full after 4 pushes of 8); level queues full after 1 push
+    # (2x2: 32 rows per push into 32; 3x3: 72 rows per push into 64)
+    m = tiny_ssprl(queue_length=32, local_queue_lengths=(32, 64), epoch_queue_starts=1, faithful=faithful,
+                   num_prototypes=20, local_prototypes=(10, 10), proj_dim=16)
+    m.steps_per_epoch = 2
+    return m
+
+
+@pytest.mark.parametrize("faithful", [False, True])
+def test_queues_push_per_level_and_are_used_once_full(faithful):
+    m = queue_model(faithful)
+    used = []
+    for step in range(5):
+        m.current_step = step
+        with torch.no_grad():
+            out = m(pyramid_views(seed=step), {})
+        used.append((out["queue_used"].item(), out["queue_used_l1"].item(), out["queue_used_l2"].item()))
+    assert used[:2] == [(0, 0, 0)] * 2  # epoch 0: no queue
+    assert m.queue.rows_pushed == [24, 24]  # 3 pushes of B = 8
+    assert m.local_queues["0"].rows_pushed == [3 * 32] * 2 and m.local_queues["1"].rows_pushed == [3 * 72] * 2
+    if faithful:  # the shared flag: once a level queue is full, all queues are used, the global one half empty
+        assert used[2:] == [(0, 0, 0), (1, 1, 1), (1, 1, 1)]
+    else:
+        assert used[2:] == [(0, 0, 0), (0, 1, 1), (0, 1, 1)]
+    with torch.no_grad():
+        m.current_step = 5
+        assert m(pyramid_views(seed=5), {})["queue_used"].item() == float(faithful)  # 4th push
+        m.current_step = 6
+        assert m(pyramid_views(seed=6), {})["queue_used"].item() == 1  # full
+
+
+def test_level_queue_holds_patch_embeddings_newest_first():
+    m = queue_model(False)
+    m.current_step = 2
+    with torch.no_grad():
+        m(pyramid_views(seed=0), {})
+    q = m.local_queues["0"].queue  # (2 views, 32, 16)
+    assert torch.allclose(q.norm(dim=-1), torch.ones(2, 32), atol=1e-5)
+    q3 = m.local_queues["1"].queue
+    assert torch.allclose(q3[:, :64].norm(dim=-1), torch.ones(2, 64), atol=1e-5)  # 72 rows cut to 64
+
+
+def test_wrong_number_of_views_names_the_layout():
+    with pytest.raises(ValueError, match=r"2 \* g\*\*2 patch slots per level \(26 in all\); got 20"):
+        tiny_ssprl()(pyramid_views()[:20], {})
+
+
+# ---------------------------------------------------------------- smoke
+
+
+@pytest.fixture
+def expand_grid_groups(monkeypatch):
+    """The trainer's device augmentation, given one group per slot (a grid group expands into
+    count * grid**2 slots), so that it holds whether or not augment_batch expands grid groups."""
+    import densessl.engine.trainer as trainer_module
+
+    original = trainer_module.augment_batch
+
+    def per_slot(views, groups, *args, **kwargs):
+        slots = [dataclasses.replace(g, count=1, grid=0, region_size=0) for g in expand_slots(groups)]
+        return original(views, slots, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "augment_batch", per_slot)
+
+
+def ssprl_overrides(tmp_path):
+    base = [o for o in TINY if not o.startswith(("method.", "views."))]
+    return base + [
+        f"run_dir={tmp_path / 'run'}", "views.0.size=32", "views.1.size=16", "views.1.count=2",
+        "views.2.size=12", "views.2.region_size=32", "views.3.size=8", "views.3.region_size=30",
+        "method.proj_hidden_dim=32", "method.proj_dim=16", "method.num_prototypes=32",
+        "method.local_prototypes=[16,16]", "method.queue_length=8", "method.local_queue_lengths=[32,72]",
+        "method.epoch_queue_starts=1", "method.freeze_prototypes_iters=2",
+        "train.steps_per_epoch=2", "train.epochs=2", "train.batch_size=8",
+        "views.2.hue=0.0", "views.3.hue=0.0",  # (the hue op is the costly one on CPU)
+    ]
+
+
+def test_ssprl_trains_four_steps_through_the_trainer(tmp_path, expand_grid_groups):
+    cfg = build_config("ssprl-scenes", ssprl_overrides(tmp_path))
+    assert len(expand_slots(cfg.views)) == 4 + 8 + 18
+    trainer = Trainer(cfg)
+    assert trainer.fit()["step"] == 4
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if "loss" in r]
+    assert len(recs) == 4 and all(math.isfinite(r["loss"]) for r in recs)
+    assert all(k in recs[0] for k in ("glb", "loc_l1", "l2g_l2", "usage_entropy_l2"))
+    assert [r["queue_used_l1"] for r in recs] == [0.0, 0.0, 0.0, 1.0]
+    assert trainer.method.local_queues["1"].rows_pushed == [2 * 9 * 8] * 2
