@@ -108,3 +108,25 @@ def test_densecl_trains_four_steps_through_the_trainer(tmp_path):
     recs = [r for r in recs if "loss" in r]
     assert len(recs) == 4 and all(math.isfinite(r["loss"]) and math.isfinite(r["dense"]) for r in recs)
     assert [r["lambda"] for r in recs] == [0.0, 0.0, 0.5, 0.5]
+
+
+def test_key_branch_runs_the_momentum_modules_not_the_online_ones():
+    # lightly's example computes its "momentum" keys with the online backbone and heads; here the
+    # online side is moved away (momentum 1 keeps the key encoder where it was) and the queue must
+    # hold what the key encoder gives, not what the online encoder gives
+    torch.manual_seed(0)
+    m = tiny_densecl(momentum=1.0, shuffle_bn=False)
+    with torch.no_grad():
+        for p in list(m.backbone.parameters()) + list(m.head.parameters()) + list(m.dense_head.parameters()):
+            p.add_(0.5 * torch.randn_like(p))
+    views = [torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)]
+    m(views, {})
+    with torch.no_grad():
+        _, k, _, k_pooled = m._key(views[1])
+        c5 = m.backbone(views[1], stages=("c5",))["c5"]
+        online_k = F.normalize(m.head(c5.mean(dim=(2, 3))), dim=1)
+        online_pooled = F.normalize(m.dense_head(c5).mean(dim=(2, 3)), dim=1)
+    assert torch.allclose(m.queue["global"][:, :8], k.t(), atol=1e-6)
+    assert torch.allclose(m.queue["dense"][:, :8], k_pooled.t(), atol=1e-6)
+    assert not torch.allclose(m.queue["global"][:, :8], online_k.t(), atol=1e-2)
+    assert not torch.allclose(m.queue["dense"][:, :8], online_pooled.t(), atol=1e-2)

@@ -154,3 +154,23 @@ def test_moco_trains_four_steps_through_the_trainer(tmp_path):
     losses = [r["loss"] for r in recs if "loss" in r]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
     assert int(trainer.method.queue.ptr) == 0  # 4 steps x 8 keys = one full turn of a 32-key queue
+
+
+@pytest.mark.slow
+def test_resume_from_a_mid_run_checkpoint_restores_queue_and_shuffle_exactly(tmp_path):
+    import shutil
+
+    from densessl.engine.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    args = smoke_overrides(tmp_path, "train.keep_every=2", "train.ckpt_every=2")
+    Trainer(build_config("moco-scenes", args)).fit()
+    shutil.move(str(run), str(tmp_path / "done"))
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "done" / "checkpoints" / "step_0000002.pt", run / "checkpoints" / "last.pt")
+    Trainer(build_config("moco-scenes", args)).fit()  # resumes at step 2 in the same run_dir
+    a = load_checkpoint(tmp_path / "done" / "checkpoints" / "last.pt")["method"]
+    b = load_checkpoint(run / "checkpoints" / "last.pt")["method"]
+    assert {"queue.queue_key", "queue.ptr"} <= set(a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
