@@ -158,12 +158,12 @@ def scrl_boxes(box1: torch.Tensor, flip1: Optional[torch.Tensor], box2: torch.Te
     mapped into both views (mirrored in a flipped view) and clipped to the view.
 
     Tries are drawn a few at a time for all samples still without an acceptable box, and the
-    first acceptable one is taken: the same distribution as drawing them one by one. The uniforms come from
-    `generator` (torch.rand); the arithmetic is numpy float64 (single-threaded, no per-op
-    overhead). One deliberate change: a box is clipped to the intersection in source
-    coordinates (W' is rounded, so a box can overhang it by half a pixel of the less-zoomed
-    view); both views then see exactly the same source rectangle, and the IoU test compares
-    clipped boxes.
+    first acceptable one is taken: the same distribution as drawing them one by one. The
+    uniforms come from `generator` (torch.rand); the arithmetic is numpy float64
+    (single-threaded, no per-op overhead). One deliberate change: a box is clipped to the
+    intersection in source coordinates (W' is rounded, so a box can overhang it by half a
+    pixel of the less-zoomed view); both views then see exactly the same source rectangle, and
+    the IoU test compares clipped boxes.
     """
     S1, S2 = _view_sizes(view_size)
     b1 = box1.detach().cpu().double().numpy()

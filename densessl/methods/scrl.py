@@ -24,6 +24,7 @@ the seed) and the loss mean is over the local box pairs.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,25 @@ def _has_collective_bn(module: nn.Module) -> bool:
     return any(isinstance(m, (AllReduceBatchNorm, nn.SyncBatchNorm)) for m in module.modules())
 
 
+@contextlib.contextmanager
+def _kept_bn_stats(*modules: nn.Module, active: bool = True):
+    """Restore the BN running statistics of `modules` on exit (when active)."""
+    saved = []
+    if active:
+        for mod in modules:
+            for m in mod.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                    saved.append((m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, mean, var, count in saved:
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+
+
 @torch.no_grad()
 def reinit_(module: nn.Module) -> None:
     """Fresh weights with torchvision's ResNet init (convs kaiming-normal fan-out, BN 1/0)."""
@@ -125,10 +145,14 @@ class SCRL(Method):
             if v.shape[-1] != v.shape[-2]:
                 raise ValueError(f"SCRL expects square views, got {tuple(v.shape[-2:])}")
             sizes.append(v.shape[-1])
+        box1, box2 = batch["box"][0], batch["box"][1]
         flips = batch.get("flip") or [None, None]
+        f1, f2 = (torch.zeros(box1.shape[0], device=box1.device) if f is None else f for f in flips)
+        # one device-to-host copy of the whole geometry
+        geo = torch.cat([box1.float(), box2.float(), f1.float()[:, None], f2.float()[:, None]], dim=1).cpu()
         gen = torch.Generator().manual_seed(self._seed())
         c = self.cfg
-        return scrl_boxes(batch["box"][0], flips[0], batch["box"][1], flips[1], tuple(sizes),
+        return scrl_boxes(geo[:, 0:4], geo[:, 8] > 0.5, geo[:, 4:8], geo[:, 9] > 0.5, tuple(sizes),
                           num_boxes=c.num_boxes, min_size=c.min_size, iou_threshold=c.iou_threshold,
                           max_tries=c.max_tries, grid=c.grid, generator=gen)
 
@@ -157,10 +181,13 @@ class SCRL(Method):
         }
         run_heads = n > 0 or _has_collective_bn(self)
         if run_heads:
-            p = self.predictor(self.projector(r))
-            with torch.no_grad():
-                _, rt = self._roi_batch(self.target_backbone, views, rois1, rois2)
-                z = self.target_projector(rt)
+            # with no boxes here, the heads run on an empty batch only to join the BN all-reduce;
+            # their running statistics are restored (0/0 would make them NaN if no rank had boxes)
+            with _kept_bn_stats(self.projector, self.predictor, self.target_projector, active=n == 0):
+                p = self.predictor(self.projector(r))
+                with torch.no_grad():
+                    _, rt = self._roi_batch(self.target_backbone, views, rois1, rois2)
+                    z = self.target_projector(rt)
         if n > 0:
             loss = scrl_loss(p, z)
             # collapse statistic: per-dimension std of normalised target projections (~1/sqrt(d) healthy)
