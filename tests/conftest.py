@@ -3,6 +3,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tests use tiny models, where a second thread costs more than it gives (and on a loaded 2-core
+# machine, far more).
+torch.set_num_threads(1)
 
 # A run small enough for seconds on 2 CPU cores: 8-wide small ResNet, 32-px scenes.
 TINY = [

@@ -1,0 +1,332 @@
+"""Speed benchmarks, measured side by side in one process (ratios, not absolute claims).
+
+`densessl bench step`  : the BYOL training step (images/s) of densessl in several precisions and
+                         memory layouts, and lightly's BYOL step with the same backbone,
+                         resolution, batch and loss when lightly is importable.
+`densessl bench views` : view generation from JPEG files: densessl's uint8 sampler + batched
+                         device augmentation against a seed-style per-image PIL/torchvision
+                         pipeline, for BYOL's two views and a 2x224 + 6x96 multi-crop.
+
+Rounds interleave the contenders (A B C A B C ...) so slow drifts of the machine's load hit all
+of them alike; the median over rounds is reported.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Result:
+    name: str
+    images_per_s: float
+    samples: list[float]
+
+
+def _median_rate(times: list[float], batch: int) -> float:
+    return batch / statistics.median(times)
+
+
+def interleaved(contenders: dict, rounds: int, batch: int, warmup: int = 2) -> list[Result]:
+    """contenders: name -> zero-arg callable doing one step; returns per-name median images/s."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return [Result(k, _median_rate(v, batch), [batch / t for t in v]) for k, v in times.items()]
+
+
+# ---------------------------------------------------------------- training step
+
+
+def densessl_byol_step(backbone: str, width, size: int, batch: int, precision: str, channels_last: bool):
+    from densessl.config import OptimConfig  # noqa: F401  (LARS below, as the recipes use)
+    from densessl.engine.optim import build_optimizer
+    from densessl.methods.byol import BYOL, BYOLConfig
+    from densessl.models.backbones import build_backbone
+
+    torch.manual_seed(0)
+    method = BYOL(BYOLConfig(proj_hidden_dim=4096, proj_dim=256, pred_hidden_dim=4096), build_backbone(backbone, width))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    method = method.to(memory_format=fmt)
+    opt = build_optimizer(OptimConfig(name="lars", weight_decay=1e-6), [method], lr=0.5)
+    views = [torch.randn(batch, 3, size, size).contiguous(memory_format=fmt) for _ in range(2)]
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    step = [0]
+
+    def run():
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = method(views, {})
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        method.after_step(step[0], 1000)
+        step[0] += 1
+
+    return run
+
+
+def lightly_byol_step(size: int, batch: int, backbone: str = "resnet18"):
+    """lightly's BYOL as its example writes it: per-view forwards, SGD, update_momentum."""
+    import copy
+
+    import torchvision
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    from lightly.utils.scheduler import cosine_schedule
+
+    torch.manual_seed(0)
+    resnet = getattr(torchvision.models, backbone)()
+    feat = resnet.fc.in_features
+    net = torch.nn.Sequential(*list(resnet.children())[:-1])
+
+    class LightlyBYOL(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = net
+            self.projection_head = BYOLProjectionHead(feat, 4096, 256)
+            self.prediction_head = BYOLPredictionHead(256, 4096, 256)
+            self.backbone_momentum = copy.deepcopy(self.backbone)
+            self.projection_head_momentum = copy.deepcopy(self.projection_head)
+            deactivate_requires_grad(self.backbone_momentum)
+            deactivate_requires_grad(self.projection_head_momentum)
+
+        def forward(self, x):
+            return self.prediction_head(self.projection_head(self.backbone(x).flatten(start_dim=1)))
+
+        def forward_momentum(self, x):
+            return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).detach()
+
+    model = LightlyBYOL()
+    criterion = NegativeCosineSimilarity()
+    opt = torch.optim.SGD(model.parameters(), lr=0.06)
+    x0, x1 = torch.randn(batch, 3, size, size), torch.randn(batch, 3, size, size)
+    step = [0]
+
+    def run():
+        m = cosine_schedule(step[0], 1000, 0.996, 1)
+        update_momentum(model.backbone, model.backbone_momentum, m=m)
+        update_momentum(model.projection_head, model.projection_head_momentum, m=m)
+        p0, z0 = model(x0), model.forward_momentum(x0)
+        p1, z1 = model(x1), model.forward_momentum(x1)
+        loss = 0.5 * (criterion(p0, z1) + criterion(p1, z0))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        step[0] += 1
+
+    return run
+
+
+def bench_step(backbone="resnet18", width=None, size=64, batch=64, rounds=7, with_lightly=True) -> list[Result]:
+    contenders = {}
+    if with_lightly:
+        try:
+            contenders["lightly BYOL (fp32)"] = lightly_byol_step(size, batch, backbone)
+        except ImportError:
+            print("lightly is not importable here: run benchmarks/run_step_bench.sh for the side-by-side")
+    for precision in ("fp32", "bf16"):
+        for cl in (False, True):
+            name = f"densessl BYOL ({precision}, {'channels_last' if cl else 'contiguous'})"
+            contenders[name] = densessl_byol_step(backbone, width, size, batch, precision, cl)
+    return interleaved(contenders, rounds, batch)
+
+
+def matmul_peak(dtype=torch.float32, n=2048, reps=5) -> float:
+    """Measured GFLOP/s of an n x n matrix product (the machine's practical peak)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def byol_step_flops(backbone="resnet18", width=None, size=64, batch=64) -> float:
+    """FLOPs of one BYOL step: online forward+backward (3x forward) and target forward, 2 views."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from densessl.methods.byol import BYOL, BYOLConfig
+    from densessl.models.backbones import build_backbone
+
+    m = BYOL(BYOLConfig(proj_hidden_dim=4096, proj_dim=256, pred_hidden_dim=4096), build_backbone(backbone, width))
+    views = [torch.randn(batch, 3, size, size) for _ in range(2)]
+    with FlopCounterMode(display=False) as counter:
+        m(views, {})["loss"].backward()
+    return float(counter.get_total_flops())
+
+
+def format_results(results: list[Result], reference: str | None = None) -> str:
+    ref = next((r for r in results if r.name == reference), None)
+    lines = ["| contender | images/s (median) | ratio |", "|---|---:|---:|"]
+    for r in results:
+        ratio = f"{r.images_per_s / ref.images_per_s:.2f}x" if ref else "-"
+        lines.append(f"| {r.name} | {r.images_per_s:.1f} | {ratio} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- view generation
+
+MULTICROP = [(224, 2, (0.14, 1.0)), (96, 6, (0.05, 0.14))]  # SwAV's 2x224 + 6x96
+BYOL_VIEWS = [(224, 2, (0.08, 1.0))]
+
+
+def write_jpegs(folder, n: int = 64, size: int = 256) -> list:
+    """n synthetic-content JPEGs (Fashion-Scenes upscaled) to decode in the benchmark."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from densessl.data.scenes import FashionScenes
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = FashionScenes(num_scenes=n, size=size, with_masks=False)
+    paths = []
+    for i in range(n):
+        p = folder / f"{i:04d}.jpg"
+        if not p.exists():
+            Image.fromarray(ds[i]["image"].permute(1, 2, 0).numpy()).save(p, quality=90)
+        paths.append(p)
+    return paths
+
+
+def seed_style_views(paths, crops):
+    """Per image, per view: PIL decode, RandomResizedCrop, flip, ColorJitter, grayscale, blur,
+    solarize, ToTensor, Normalize: what the seed repositories do in their datasets."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    def pipeline(size, scale):
+        return T.Compose([
+            T.RandomResizedCrop(size, scale=scale), T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
+            T.RandomApply([T.GaussianBlur(23, (0.1, 2.0))], p=0.5), T.RandomSolarize(128, p=0.2),
+            T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+    pipes = [(pipeline(s, sc), c) for s, c, sc in crops]
+
+    def run():
+        out = [[] for _ in range(sum(c for _, c in pipes))]
+        for p in paths:
+            img = Image.open(p).convert("RGB")
+            k = 0
+            for pipe, count in pipes:
+                for _ in range(count):
+                    out[k].append(pipe(img))
+                    k += 1
+        return [torch.stack(v) for v in out]
+
+    return run
+
+
+def densessl_views(paths, crops):
+    """densessl: decode to uint8, crop+resize uint8 per image, then batched augmentation."""
+    import numpy as np
+    from torchvision.io import decode_jpeg, read_file
+
+    from densessl.config import ViewConfig
+    from densessl.data.augment import augment_batch
+    from densessl.data.views import ViewSampler
+
+    groups = [ViewConfig(size=s, count=c, scale=sc, blur_p=0.5, solarize_p=0.2, blur_kernel_frac=23 / 224)
+              for s, c, sc in crops]
+    sampler = ViewSampler(groups)
+    step = [0]
+
+    def run():
+        rng = np.random.default_rng(step[0])
+        per_image = [sampler(decode_jpeg(read_file(str(p))), rng)[0] for p in paths]
+        slots = [torch.stack([views[k] for views in per_image]) for k in range(len(per_image[0]))]
+        out = augment_batch(slots, groups, seed=0, step=step[0], device="cpu", channels_last=False)
+        step[0] += 1
+        return out
+
+    return run
+
+
+def bench_views(folder, n=64, rounds=5) -> dict[str, list[Result]]:
+    paths = write_jpegs(folder, n)
+    results = {}
+    for label, crops in (("BYOL 2x224", BYOL_VIEWS), ("multi-crop 2x224+6x96", MULTICROP)):
+        results[label] = interleaved({"seed-style PIL per image": seed_style_views(paths, crops),
+                                      "densessl": densessl_views(paths, crops)}, rounds, n, warmup=1)
+    return results
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_bench_commands(subparsers) -> None:
+    s = subparsers.add_parser("step", help="BYOL training step, images/s, beside lightly's when importable")
+    s.add_argument("--backbone", default="resnet18")
+    s.add_argument("--width", type=int, default=None)
+    s.add_argument("--size", type=int, default=64)
+    s.add_argument("--batch", type=int, default=64)
+    s.add_argument("--rounds", type=int, default=7)
+    s.add_argument("--no-lightly", action="store_true")
+    s.set_defaults(func=_cmd_step)
+    v = subparsers.add_parser("views", help="view generation from JPEG files beside a seed-style PIL pipeline")
+    v.add_argument("--folder", default="runs/bench-jpegs")
+    v.add_argument("--num", type=int, default=64)
+    v.add_argument("--rounds", type=int, default=5)
+    v.set_defaults(func=_cmd_views)
+
+
+def _hardware() -> str:
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}; torch {torch.__version__}; {torch.get_num_threads()} threads"
+
+
+def _cmd_step(args) -> int:
+    results = bench_step(args.backbone, args.width, args.size, args.batch, args.rounds, not args.no_lightly)
+    ref = "lightly BYOL (fp32)" if any(r.name.startswith("lightly") for r in results) else results[0].name
+    print(f"BYOL training step, {args.backbone}, {args.size} px, batch {args.batch}, {args.rounds} interleaved "
+          f"rounds; {_hardware()}")
+    print(format_results(results, ref))
+    flops = byol_step_flops(args.backbone, args.width, args.size, args.batch)
+    best = max(r.images_per_s for r in results if r.name.startswith("densessl"))
+    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    print(f"step FLOPs {flops / 1e9:.1f} GFLOP per batch; best densessl {flops / 1e9 * best / args.batch:.0f} "
+          f"GFLOP/s achieved; measured matmul peak fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
+    return 0
+
+
+def _cmd_views(args) -> int:
+    res = bench_views(args.folder, args.num, args.rounds)
+    print(f"view generation from {args.num} JPEGs (256 px), one process; {_hardware()}")
+    for label, results in res.items():
+        print(f"\n{label}")
+        print(format_results(results, "seed-style PIL per image"))
+    return 0
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="densessl bench")
+    add_bench_commands(p.add_subparsers(dest="bench_command", required=True))
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
