@@ -1,0 +1,194 @@
+"""Shared parts of the transfer protocols (detection, segmentation, VOC/COCO multi-label).
+
+- :func:`load_backbone_spec`: a densessl checkpoint, a densessl ``.safetensors`` backbone, or
+  the word ``random`` (the same architecture, randomly initialised with the protocol's seed).
+  Every backbone then goes through the same code: no special case for ``random``.
+- :class:`TransferData`: where the data comes from (``fashion_scenes`` | ``voc`` | ``coco``)
+  and :func:`build_task_dataset`, which gives items with the same keys whatever the source.
+- :func:`transfer_config`: a config dataclass from ``preset=NAME`` plus ``key=value``
+  overrides (the preset's values first, the user's on top), unknown keys refused.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from densessl.config import ConfigError, ModelConfig, apply_overrides, from_dict, to_dict
+
+TASKS = ("detection", "segmentation", "multilabel")
+
+
+@dataclass
+class TransferData:
+    dataset: str = "fashion_scenes"  # fashion_scenes | voc | coco
+    root: Optional[str] = None  # voc: the VOC2007-style folder; coco: the COCO folder; scenes: Fashion-MNIST folder
+    extra_roots: list[str] = field(default_factory=list)  # voc: more roots for training (VOC07+12: [VOC2012])
+    train_split: str = "train"
+    val_split: str = "val"
+    num_train: int = 2000  # fashion_scenes only
+    num_val: int = 500  # fashion_scenes only
+    size: int = 64  # fashion_scenes canvas side
+    seed: int = 0  # fashion_scenes scene seed
+    num_workers: int = 0
+
+
+def transfer_config(cls, presets: dict[str, dict], overrides: list[str]):
+    """``cls`` built from its defaults, then ``presets[preset]`` (if ``preset=NAME`` is given),
+    then the other overrides. The chosen preset name is kept in ``cfg.preset``."""
+    preset = None
+    rest = []
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if key.strip() == "preset" and sep:
+            preset = value.strip()
+        else:
+            rest.append(o)
+    tree = to_dict(cls())
+    if preset is not None:
+        if preset not in presets:
+            raise ConfigError(f"unknown preset {preset!r}; expected one of {', '.join(sorted(presets))}")
+        tree = apply_overrides(tree, _flatten(presets[preset]))
+        tree["preset"] = preset
+    return from_dict(cls, apply_overrides(tree, rest))
+
+
+def _flatten(d: dict, prefix: str = "") -> list[str]:
+    import json
+
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out += _flatten(v, key + ".")
+        else:
+            out.append(f"{key}={json.dumps(v)}")
+    return out
+
+
+def load_backbone_spec(spec: str, model: ModelConfig, seed: int):
+    """(backbone, description): a checkpoint / safetensors path, or ``random`` (seeded)."""
+    from densessl.models.backbones import build_backbone
+
+    if spec == "random":
+        torch.manual_seed(seed)
+        try:
+            return build_backbone(model.backbone, model.width), f"random-init {model.backbone}"
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+    from densessl.interop import backbone_arch, load_any_backbone
+
+    backbone = load_any_backbone(spec)
+    model.backbone, model.width = backbone_arch(backbone)
+    return backbone, spec
+
+
+def pick_device(pref: str) -> torch.device:
+    from densessl.engine.distributed import pick_device as _pick
+
+    return _pick(pref)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        raise ConfigError(f"precision={precision!r}; expected fp32, bf16 or fp16")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class _TaskView(Dataset):
+    """Items of a source dataset mapped to the task's keys (see build_task_dataset)."""
+
+    def __init__(self, source, task: str, kind: str):
+        self.source, self.task, self.kind = source, task, kind
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        s = self.source[i]
+        if self.task == "segmentation":
+            return {"image": s["image"], "mask": s["mask"] if "mask" in s else s["semantic"]}
+        if self.task == "multilabel":
+            n = s["labels"].shape[0]
+            ignore = s["labels_difficult"] if self.kind == "voc" else torch.zeros(n, dtype=torch.bool)
+            return {"image": s["image"], "labels": s["labels"], "ignore": ignore}
+        n = s["classes"].shape[0]
+        if self.kind == "voc":  # detectron2 trains on difficult objects; the metric ignores them
+            keep, ignore = torch.ones(n, dtype=torch.bool), s["difficult"]
+        elif self.kind == "coco":  # crowd regions: not trained on, ignored by the metric
+            keep, ignore = ~s["iscrowd"], s["iscrowd"]
+        else:
+            keep, ignore = torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+        return {"image": s["image"], "boxes": s["boxes"], "classes": s["classes"], "train_keep": keep,
+                "eval_ignore": ignore}
+
+
+class _InMemory(Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def build_task_dataset(data: TransferData, split: str, task: str):
+    """(dataset, class names) for ``task`` on ``split`` ("train" or "val" of the config).
+
+    Items: detection ``{"image", "boxes" xyxy, "classes" 0..C-1, "train_keep", "eval_ignore"}``;
+    segmentation ``{"image", "mask"}`` (0 background, k = class k-1, 255 ignore; class names
+    then start with "background"); multilabel ``{"image", "labels", "ignore"}``.
+    Fashion-Scenes are generated once and kept in memory.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    name = data.train_split if split == "train" else data.val_split
+    if data.dataset == "fashion_scenes":
+        from densessl.data.fashion_mnist import CLASSES
+        from densessl.data.scenes import FashionScenes
+
+        if split not in ("train", "val"):
+            raise ConfigError(f"fashion_scenes has the splits train and val, got {split!r}")
+        num = data.num_train if split == "train" else data.num_val
+        src = FashionScenes(split=name, num_scenes=num, size=data.size, seed=data.seed, root=data.root,
+                            with_masks=task == "segmentation")
+        view = _TaskView(src, task, "scenes")
+        ds = _InMemory([view[i] for i in range(len(view))])
+        classes = tuple(CLASSES)
+    elif data.dataset == "voc":
+        from densessl.data.voc import VOCDetection, VOCSegmentation
+
+        if not data.root:
+            raise ConfigError("data.dataset=voc needs data.root=<VOC folder with JPEGImages, Annotations, ImageSets>")
+        roots = [data.root] + (list(data.extra_roots) if split == "train" else [])
+        cls = VOCSegmentation if task == "segmentation" else VOCDetection
+        parts = [cls(r, name) for r in roots]
+        classes = parts[0].classes
+        if any(p.classes != classes for p in parts):
+            raise ConfigError(f"data.extra_roots have other class names than {data.root}")
+        src = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+        ds = _TaskView(src, task, "voc")
+    elif data.dataset == "coco":
+        from densessl.data.coco import COCODataset, coco_paths
+
+        if not data.root:
+            raise ConfigError("data.dataset=coco needs data.root=<folder with annotations/instances_<split>.json>")
+        ann, images = coco_paths(data.root, name)
+        src = COCODataset(ann, images, with_masks=task == "segmentation")
+        classes = src.classes
+        ds = _TaskView(src, task, "coco")
+    else:
+        raise ConfigError(f"data.dataset={data.dataset!r}; expected fashion_scenes, voc or coco")
+    if task == "segmentation":
+        classes = ("background",) + tuple(classes)
+    if len(ds) == 0:
+        raise ConfigError(f"{data.dataset} split {name!r} is empty")
+    return ds, tuple(classes)

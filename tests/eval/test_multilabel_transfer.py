@@ -1,0 +1,84 @@
+import json
+import math
+
+import pytest
+import torch
+
+from densessl.eval.multilabel_transfer import (multilabel_transfer_config, probe_loss, random_resized_crop_params,
+                                               run_multilabel_transfer)
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+TINY = ["model.backbone=resnet18_small", "model.width=8", "epochs=2", "batch_size=4", "crop_size=32",
+        "resize_size=36", "feature_batch_size=8"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from densessl.data.export import export_coco, export_voc
+    from densessl.data.scenes import FashionScenes
+
+    root = tmp_path_factory.mktemp("ml")
+    train, val = FashionScenes("train", num_scenes=8, size=40, seed=3), FashionScenes("val", num_scenes=6, size=40, seed=3)
+    export_voc(train, root / "voc", "trainval", image_ext="png")
+    export_voc(val, root / "voc", "test", image_ext="png")
+    # mark the first object of the first test image difficult: its class becomes "ignore" there
+    xml = root / "voc" / "Annotations" / "test_000000.xml"
+    xml.write_text(xml.read_text().replace("<difficult>0</difficult>", "<difficult>1</difficult>", 1))
+    export_coco(train, root / "coco", "train2014", image_ext="png")
+    export_coco(val, root / "coco", "val2014", image_ext="png")
+    return root
+
+
+def test_probe_loss_sums_classes_over_kept_entries_per_image():
+    logits = torch.tensor([[0.0, 2.0], [1.0, -1.0]])
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    ignore = torch.tensor([[False, True], [False, False]])
+    bce = lambda z, y: -(y * math.log(1 / (1 + math.exp(-z))) + (1 - y) * math.log(1 - 1 / (1 + math.exp(-z))))
+    want = (bce(0.0, 1) + bce(1.0, 0) + bce(-1.0, 1)) / 2
+    assert float(probe_loss(logits, labels, ignore)) == pytest.approx(want)
+
+
+def test_random_resized_crop_params_in_bounds_and_seeded():
+    for seed in range(50):
+        t, l, h, w = random_resized_crop_params(30, 50, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(seed))
+        assert 0 <= t and 0 <= l and t + h <= 30 and l + w <= 50 and h > 0 and w > 0
+    a = random_resized_crop_params(30, 50, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(1))
+    assert a == random_resized_crop_params(30, 50, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(1))
+
+
+def test_dataset_defaults_follow_ssprl():
+    voc = multilabel_transfer_config(["data.dataset=voc"])
+    assert (voc.data.train_split, voc.data.val_split, voc.batch_size, voc.lr) == ("trainval", "test", 32, 0.03)
+    coco = multilabel_transfer_config(["data.dataset=coco"])
+    assert (coco.data.train_split, coco.data.val_split, coco.batch_size, coco.lr) == ("train2014", "val2014", 128, 0.1)
+    assert coco.epochs == 100 and coco.weight_decay == 1e-6 and coco.seed == 777
+
+
+@pytest.mark.parametrize("mode", ["augment", "cached"])
+def test_voc07_end_to_end_ignores_difficult(folders, mode):
+    cfg = multilabel_transfer_config(TINY + ["data.dataset=voc", f"data.root={folders / 'voc'}", f"mode={mode}"])
+    r = run_multilabel_transfer("random", cfg, log=lambda *a: None)["multilabel"]
+    assert 0.0 <= r["mAP"] <= 1.0 and 0.0 <= r["best_epoch_mAP"] <= 1.0
+    assert r["best_epoch_mAP"] >= r["mAP"] and [h["epoch"] for h in r["history"]] == [1, 2]
+    assert r["history"][-1]["mAP"] == r["mAP"]
+    s = r["settings"]
+    assert s["train_images"] == 8 and s["test_images"] == 6 and s["ignored_test_entries"] >= 1
+    assert "selected on the test split" in r["best_epoch_note"]
+
+
+def test_coco_via_cli(folders, tmp_path):
+    from densessl.cli import main
+
+    out = tmp_path / "ml.json"
+    assert main(["eval", "multilabel", "random", *TINY, "data.dataset=coco", f"data.root={folders / 'coco'}",
+                 "mode=cached", f"out={out}"]) == 0
+    r = json.loads(out.read_text())["multilabel"]
+    assert r["settings"]["num_classes"] == 10 and 0.0 <= r["mAP"] <= 1.0
