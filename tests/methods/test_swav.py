@@ -286,3 +286,37 @@ def test_swav_trains_four_steps_through_the_trainer(tmp_path):
     recs = [r for r in recs if "loss" in r]
     assert len(recs) == 4 and all(math.isfinite(r["loss"]) for r in recs)
     assert [r["queue_used"] for r in recs] == [0.0, 0.0, 0.0, 1.0]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_like_one_process_with_the_queue(tmp_path):
+    """End to end: 2 ranks (gathered queue, all-reduced Sinkhorn, synchronised BN) give the
+    losses of 1 process on the same global batch, including the steps that use the queue."""
+    import subprocess
+    import sys
+
+    from conftest import cli_command, subprocess_env
+
+    args = [o for o in swav_overrides(tmp_path) if not o.startswith("run_dir=")] + [
+        "optim.lr=0.05", "train.ckpt_every=100", "method.queue_length=32", "method.epoch_queue_starts=0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    env = subprocess_env()
+    subprocess.run(cli_command("pretrain", "swav-scenes", *args, f"run_dir={one}"), check=True, env=env,
+                   capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(_free_port()), "-m", "densessl.cli", "pretrain", "swav-scenes", *args, f"run_dir={two}",
+                "train.sync_bn=true"]
+    res = subprocess.run(torchrun, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+
+    def records(run):
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r for r in recs if "loss" in r}
+
+    r1, r2 = records(one), records(two)
+    assert sorted(r1) == sorted(r2) == [1, 2, 3, 4]
+    assert [r1[s]["queue_used"] for s in r1] == [0.0, 0.0, 1.0, 1.0]  # 32 rows = 2 global batches
+    for s in r1:
+        assert abs(r1[s]["loss"] - r2[s]["loss"]) < 1e-4 * max(1.0, abs(r1[s]["loss"])), (s, r1[s], r2[s])
+        assert r1[s]["queue_used"] == r2[s]["queue_used"]
