@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from densessl.data.views import expand_slots
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -143,7 +145,7 @@ def augment_batch(views: list[torch.Tensor], groups, seed: int, step: int, devic
     Parameters are drawn for the whole global batch from a generator seeded by (seed, step,
     slot) and each rank takes its slice, so 1 process and N processes see the same images.
     """
-    slots = [g for g in groups for _ in range(g.count)]
+    slots = expand_slots(groups)
     out = []
     for slot, (v, cfg) in enumerate(zip(views, slots)):
         n = v.shape[0]
