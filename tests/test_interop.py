@@ -55,10 +55,7 @@ def _same_features(a, b, size=64):
 # ---------------------------------------------------------------- exports into the real consumers
 
 
-SLOW50 = pytest.param("resnet50", marks=pytest.mark.slow)
-
-
-@pytest.mark.parametrize("arch", ["resnet18", SLOW50])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_torchvision_export_loads_strictly(backbones, tmp_path, arch):
     b = backbones[arch]
     path = export_backbone(b, "torchvision", tmp_path / f"{arch}.pth")
@@ -74,7 +71,7 @@ def test_torchvision_export_loads_strictly(backbones, tmp_path, arch):
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
 
 
-@pytest.mark.parametrize("arch", ["resnet18", SLOW50])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_timm_export_loads_strictly(backbones, tmp_path, arch):
     timm = pytest.importorskip("timm")
     b = backbones[arch]
@@ -159,7 +156,7 @@ def test_small_backbone_is_refused_for_torchvision_formats(backbones, tmp_path, 
 @pytest.mark.parametrize("arch, fmt, layout", [
     ("resnet18_small", "safetensors", "densessl"), ("resnet18", "safetensors", "densessl"),
     ("resnet18", "torchvision", "torchvision"),
-    pytest.param("resnet50", "torchvision", "torchvision", marks=pytest.mark.slow),
+    ("resnet50", "torchvision", "torchvision"),
     ("resnet18", "detectron2", "detectron2"),
 ])
 def test_export_import_gives_identical_features(backbones, tmp_path, arch, fmt, layout):
@@ -299,7 +296,6 @@ def test_cgh_without_ddp_prefix_and_swav_plain_release(tmp_path):
     assert report.container is None and report.dropped == ["prototypes.weight"]
 
 
-@pytest.mark.slow
 def test_resnet50_is_detected(tmp_path):
     net = _tv("resnet50")
     torch.save(_official("moco", net), tmp_path / "m.pth")
