@@ -46,8 +46,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from typing import TYPE_CHECKING
+
 from densessl.engine.checkpoint import CheckpointError
-from densessl.models.backbones import Backbone, build_backbone
+
+if TYPE_CHECKING:  # torchvision is imported only when a backbone is built
+    from densessl.models.backbones import Backbone
 
 SAFETENSORS_FORMAT = "densessl-backbone-v1"
 EXPORT_FORMATS = ("safetensors", "torchvision", "timm", "detectron2")
@@ -110,6 +114,8 @@ def load_any_backbone(path: str | Path) -> Backbone:
 
 def build_strict(state: dict, arch: str, width: int | None, source) -> Backbone:
     """Build ``arch`` and load ``state`` strictly (missing ``num_batches_tracked`` tolerated)."""
+    from densessl.models.backbones import build_backbone
+
     try:
         backbone = build_backbone(arch, width)
     except ValueError as e:
