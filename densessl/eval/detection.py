@@ -47,8 +47,8 @@ from torch import nn
 
 from densessl.config import ConfigError, ModelConfig
 from densessl.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from densessl.eval.transfer import (TransferData, autocast, build_task_dataset, load_backbone_spec, pick_device,
-                                    transfer_config)
+from densessl.eval.transfer import (SampleStream, TransferData, autocast, build_task_dataset, load_backbone_spec,
+                                    pick_device, stream_loader, transfer_config)
 
 
 # ---------------------------------------------------------------- model
@@ -239,6 +239,16 @@ def _train_target(item: dict, flip: bool) -> tuple[torch.Tensor, dict]:
     return image, {"boxes": boxes.reshape(-1, 4), "labels": labels}
 
 
+class _TrainTransform:
+    """Item -> (float image, target) with a horizontal flip drawn from the sample's generator."""
+
+    def __init__(self, flip: bool):
+        self.flip = flip
+
+    def __call__(self, item, gen):
+        return _train_target(item, self.flip and bool(torch.rand((), generator=gen) < 0.5))
+
+
 def coco_ground_truth(dataset, num_classes: int) -> dict:
     """A COCO-format dict of the split: image ids 1..N in dataset order, category ids 1..C;
     ``eval_ignore`` objects become ``iscrowd=1``."""
@@ -305,22 +315,17 @@ def run_detection(spec: str, cfg: DetectionConfig, log=print) -> dict:
     model = build_detector(backbone, len(classes), cfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order: list[int] = []
+    stream = SampleStream(train_ds, cfg.iterations * cfg.batch_size, cfg.seed, _TrainTransform(cfg.flip))
+    batches = iter(stream_loader(stream, cfg.batch_size, cfg.data.num_workers, list))
     model.train()
     losses = []
     for it in range(cfg.iterations):
         lr = _lr_at(cfg, it)
         for g in opt.param_groups:
             g["lr"] = lr
-        images, targets = [], []
-        for _ in range(cfg.batch_size):
-            if not order:
-                order = torch.randperm(len(train_ds), generator=gen).tolist()
-            flip = cfg.flip and bool(torch.rand((), generator=gen) < 0.5)
-            image, target = _train_target(train_ds[order.pop()], flip)
-            images.append(image.to(device))
-            targets.append({k: v.to(device) for k, v in target.items()})
+        batch = next(batches)
+        images = [image.to(device, non_blocking=True) for image, _ in batch]
+        targets = [{k: v.to(device, non_blocking=True) for k, v in target.items()} for _, target in batch]
         with autocast(device, cfg.precision):
             loss_dict = model(images, targets)
         loss = sum(v.float() for v in loss_dict.values())

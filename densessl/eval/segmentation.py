@@ -39,8 +39,8 @@ from torch import nn
 
 from densessl.config import ConfigError, ModelConfig
 from densessl.data.augment import normalize
-from densessl.eval.transfer import (TransferData, autocast, build_task_dataset, load_backbone_spec, pick_device,
-                                    transfer_config)
+from densessl.eval.transfer import (SampleStream, TransferData, autocast, build_task_dataset, load_backbone_spec,
+                                    pick_device, stream_loader, transfer_config)
 
 IGNORE_INDEX = 255
 
@@ -252,6 +252,22 @@ def _random_crop(image, mask, size: int, scale: float, flip: bool, gen: torch.Ge
     return image.float(), mask
 
 
+class _TrainTransform:
+    """Item -> (uint8-valued float crop, mask): random rescale in ``scale_range``, crop, flip."""
+
+    def __init__(self, size: int, scale_range: tuple[float, float], flip: bool):
+        self.size, self.scale_range, self.flip = size, scale_range, flip
+
+    def __call__(self, item, gen):
+        lo, hi = self.scale_range
+        scale = float(lo + (hi - lo) * torch.rand((), generator=gen))
+        return _random_crop(item["image"], item["mask"], self.size, scale, self.flip, gen)
+
+
+def _stack(batch):
+    return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+
+
 def _pad_batch(items: list[dict]):
     h = max(it["image"].shape[-2] for it in items)
     w = max(it["image"].shape[-1] for it in items)
@@ -290,24 +306,18 @@ def run_segmentation(spec: str, cfg: SegmentationConfig, log=print) -> dict:
         groups.append({"params": list(model.backbone.parameters()), "lr_mult": cfg.backbone_lr_mult})
     opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order: list[int] = []
+    transform = _TrainTransform(cfg.crop_size, tuple(cfg.scale_range), cfg.flip)
+    stream = SampleStream(train_ds, cfg.iterations * cfg.batch_size, cfg.seed, transform)
+    batches = iter(stream_loader(stream, cfg.batch_size, cfg.data.num_workers, _stack))
     model.train()
     loss_hist = []
-    lo, hi = cfg.scale_range
     for it in range(cfg.iterations):
         lr = _poly_lr(cfg, it)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
-        batch = []
-        for _ in range(cfg.batch_size):
-            if not order:
-                order = torch.randperm(len(train_ds), generator=gen).tolist()
-            s = train_ds[order.pop()]
-            scale = float(lo + (hi - lo) * torch.rand((), generator=gen))
-            batch.append(_random_crop(s["image"], s["mask"], cfg.crop_size, scale, cfg.flip, gen))
-        images = normalize(torch.stack([b[0] for b in batch]).to(device) / 255.0)
-        masks = torch.stack([b[1] for b in batch]).to(device)
+        images, masks = next(batches)
+        images = normalize(images.to(device, non_blocking=True) / 255.0)
+        masks = masks.to(device, non_blocking=True)
         with autocast(device, cfg.precision):
             logits = model(images)
         loss = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX)

@@ -192,3 +192,35 @@ def build_task_dataset(data: TransferData, split: str, task: str):
     if len(ds) == 0:
         raise ConfigError(f"{data.dataset} split {name!r} is empty")
     return ds, tuple(classes)
+
+
+class SampleStream(Dataset):
+    """The training samples of an iteration-based protocol as a dataset over sample numbers.
+
+    Sample ``k`` (0 <= k < iterations * batch_size) is item ``order[k]`` of ``dataset``, where
+    ``order`` concatenates seeded permutations (one per pass over the data), passed through
+    ``transform(item, generator)`` with a generator seeded by ``(seed, k)``. The stream is
+    therefore the same whatever the number of DataLoader workers.
+    """
+
+    def __init__(self, dataset, num_samples: int, seed: int, transform):
+        self.dataset, self.num, self.seed, self.transform = dataset, int(num_samples), int(seed), transform
+        gen = torch.Generator().manual_seed(self.seed)
+        n = len(dataset)
+        passes = -(-self.num // n)
+        self.order = torch.cat([torch.randperm(n, generator=gen) for _ in range(passes)])[:self.num]
+
+    def __len__(self):
+        return self.num
+
+    def __getitem__(self, k):
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + int(k)) % 2**62)
+        return self.transform(self.dataset[int(self.order[k])], gen)
+
+
+def stream_loader(stream: SampleStream, batch_size: int, num_workers: int, collate):
+    """Batches of the stream in order (no shuffling: the order is in the stream)."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(stream, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
+                      persistent_workers=num_workers > 0, drop_last=False)

@@ -103,3 +103,16 @@ def test_presets():
     assert cfg.data.dataset == "coco" and cfg.model.backbone == "resnet50"
     cfg = detection_config(["preset=voc0712", "data.root=/x/VOC2007", "data.extra_roots=[/x/VOC2012]"])
     assert cfg.steps == [18000, 22000] and cfg.data.extra_roots == ["/x/VOC2012"] and cfg.data.val_split == "test"
+
+
+def test_checkpoint_spec_writes_next_to_the_run(tmp_path):
+    from densessl.cli import main
+    from densessl.interop import save_imported
+
+    torch.manual_seed(0)
+    ckpt = save_imported(build_backbone("resnet18_small", 8), tmp_path / "run" / "checkpoints" / "last.pt")
+    args = [a for a in TINY if not a.startswith("model.")]
+    assert main(["eval", "detection", str(ckpt), *args, "data.num_workers=1"]) == 0
+    r = json.loads((tmp_path / "run" / "eval" / "detection.json").read_text())
+    assert r["backbone"] == str(ckpt) and r["detection"]["settings"]["model"] == {"backbone": "resnet18_small",
+                                                                                  "width": 8}

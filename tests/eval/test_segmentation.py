@@ -128,3 +128,16 @@ def test_presets_and_unknown_keys():
         segmentation_config(["preset=voc"])
     with pytest.raises(ConfigError, match=r"unknown key 'iteration'; did you mean 'iterations'"):
         segmentation_config(["iteration=5"])
+
+
+def test_sample_stream_does_not_depend_on_workers():
+    from densessl.eval.segmentation import _stack, _TrainTransform
+    from densessl.eval.transfer import SampleStream, TransferData, build_task_dataset, stream_loader
+
+    ds, _ = build_task_dataset(TransferData(num_train=5, size=32), "train", "segmentation")
+    stream = SampleStream(ds, 12, 3, _TrainTransform(24, (0.8, 1.2), True))
+    assert sorted(stream.order[:5].tolist()) == list(range(5))  # each pass is a permutation
+    a = [b for b in stream_loader(stream, 4, 0, _stack)]
+    b = [b for b in stream_loader(stream, 4, 2, _stack)]
+    assert len(a) == 3 and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    assert a[0][0].shape == (4, 3, 24, 24)
