@@ -82,3 +82,19 @@ def test_coco_via_cli(folders, tmp_path):
                  "mode=cached", f"out={out}"]) == 0
     r = json.loads(out.read_text())["multilabel"]
     assert r["settings"]["num_classes"] == 10 and 0.0 <= r["mAP"] <= 1.0
+
+
+def test_bad_inputs_give_clear_cli_errors(folders, tmp_path, capsys):
+    import shutil
+
+    from densessl.cli import main
+
+    assert main(["eval", "multilabel", "random", "data.dataset=voc"]) == 2
+    assert "data.dataset=voc needs data.root" in capsys.readouterr().err
+    root = tmp_path / "voc"
+    shutil.copytree(folders / "voc", root)
+    xml = root / "Annotations" / "trainval_000002.xml"
+    xml.write_text(xml.read_text().replace("<xmin>", "<xmin>x", 1))
+    assert main(["eval", "multilabel", "random", *TINY, "data.dataset=voc", f"data.root={root}"]) == 2
+    err = capsys.readouterr().err
+    assert "densessl: error:" in err and "trainval_000002.xml" in err and "<bndbox>/<xmin> is not a number" in err
