@@ -232,7 +232,9 @@ class Trainer:
                 self._set_schedules()
                 views = augment_batch(batch["views"], self.cfg.views, t.seed, self.step, device,
                                       self.dist.rank, self.dist.world_size, self.channels_last)
+                cpu_geometry = {"box": batch["box"], "flip": batch["flip"]}
                 batch = _to_device({k: v for k, v in batch.items() if k != "views"}, device)
+                batch["cpu"] = cpu_geometry  # host copy for CPU-side geometry (SCRL's boxes)
                 self.method.current_step = self.step
                 with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                     out = self.model(views, batch)

@@ -2,7 +2,8 @@
 
 A method is an nn.Module built from its config dataclass and an online backbone. Its
 forward takes the augmented views (one float tensor per view slot, on the device) and the
-collated batch (geometry: batch["box"], batch["flip"]), and returns a dict with "loss" plus
+collated batch (geometry: batch["box"], batch["flip"] on the device, and the same on the host
+in batch["cpu"] for geometry computed on the CPU), and returns a dict with "loss" plus
 named terms and statistics as 0-d tensors (the trainer logs them without host syncs), and
 "features": detached pooled backbone features of the first view for the online probe.
 `after_step(step, total_steps)` runs after each optimiser step (EMA updates live there);

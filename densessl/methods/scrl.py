@@ -145,8 +145,9 @@ class SCRL(Method):
             if v.shape[-1] != v.shape[-2]:
                 raise ValueError(f"SCRL expects square views, got {tuple(v.shape[-2:])}")
             sizes.append(v.shape[-1])
-        box1, box2 = batch["box"][0], batch["box"][1]
-        flips = batch.get("flip") or [None, None]
+        geometry = batch.get("cpu", batch)  # the trainer keeps a host copy: no device sync here
+        box1, box2 = geometry["box"][0], geometry["box"][1]
+        flips = geometry.get("flip") or [None, None]
         f1, f2 = (torch.zeros(box1.shape[0], device=box1.device) if f is None else f for f in flips)
         # one device-to-host copy of the whole geometry
         geo = torch.cat([box1.float(), box2.float(), f1.float()[:, None], f2.float()[:, None]], dim=1).cpu()
