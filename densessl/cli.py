@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_commands(d.add_subparsers(dest="data_command", required=True))
 
+    b = sub.add_parser("bench", help="speed benchmarks beside reference implementations (ratios, one run)")
+    from densessl.bench import add_bench_commands
+
+    add_bench_commands(b.add_subparsers(dest="bench_command", required=True))
+
     dm = sub.add_parser("demo", help="the main job: pretrain BYOL on Fashion-Scenes, compare with random init")
     dm.add_argument("overrides", nargs="*", help="overrides for the pretraining recipe")
     dm.set_defaults(func=cmd_demo)
