@@ -24,6 +24,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def _grid(grid_hw) -> tuple[int, int]:
@@ -256,3 +257,67 @@ def boxes_to_source(rois: torch.Tensor, box: torch.Tensor, flip: Optional[torch.
         l, r = torch.where(fl, S - r, l), torch.where(fl, S - l, r)
     sx, sy = (b[:, 2] - b[:, 0]) / S, (b[:, 3] - b[:, 1]) / S
     return torch.stack([b[:, 0] + l * sx, b[:, 1] + t * sy, b[:, 0] + r * sx, b[:, 1] + btm * sy], dim=-1)
+
+
+# ------------------------------------------------------------------------ flow-warped positives
+# The optical-flow PixPro variant (specs, PixPro section 3.8): view 1 is a crop of frame t,
+# view 2 a crop of frame t+k of the same video. Each view-1 cell centre is moved by the flow
+# t -> t+k before the distance test against view 2's centres, and only cells where the flow
+# passed its forward-backward check count. Flows follow densessl.data.flow's conventions:
+# (B, 2, h, w), dx and dy in pixels of the flow's own grid, covering the whole source frame
+# (h, w may be smaller than the frame: a flow at reduced resolution).
+
+DISTANCE_UNITS = ("normalised", "pixels")
+
+
+def sample_at_centres(field: torch.Tensor, centres: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """(B, N, C): `field` (B, C, h, w), covering the source image, read at `centres` (B, N, 2).
+
+    Centres are normalised source coordinates (x, y in [0, 1], pixel edges, as the boxes); the
+    field's pixel k covers [k/w, (k+1)/w], so its value sits at (k + 0.5)/w (grid_sample with
+    align_corners=False). Bilinear or nearest; outside the image the border value is used.
+    """
+    grid = (2.0 * centres.float() - 1.0)[:, :, None, :]  # (B, N, 1, 2)
+    out = F.grid_sample(field.float(), grid, mode=mode, padding_mode="border", align_corners=False)
+    return out[..., 0].transpose(1, 2)
+
+
+def flow_warp_centres(centres: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """(B, N, 2) normalised source positions of `centres` moved by `flow` (bilinear)."""
+    h, w = flow.shape[-2:]
+    d = sample_at_centres(flow, centres)  # pixels of the flow grid
+    return centres.float() + d / torch.tensor([float(w), float(h)], device=flow.device)
+
+
+def flow_positive_mask(box1: torch.Tensor, flip1: Optional[torch.Tensor], box2: torch.Tensor,
+                       flip2: Optional[torch.Tensor], grid1, grid2, flow: Optional[torch.Tensor] = None,
+                       valid: Optional[torch.Tensor] = None, threshold: float = 0.7, units: str = "normalised",
+                       source_size: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, N1, N2) bool: positives between view 1 (a crop of frame a) and view 2 (of frame b).
+
+    View 1's cell centres are moved by `flow` (a -> b, sampled bilinearly at each centre) and
+    compared with view 2's cell centres as in `pixpro_positive_mask`: distance / max of the two
+    views' cell diagonals < threshold (strict). `valid` (B, h, w) bool, on the flow's grid,
+    is read at view 1's (unmoved) centres with nearest sampling; cells where it is False have
+    no positives (the forward-backward check failed or the point left the frame).
+    units="normalised" (PixPro, the default): x and y normalised by the source width and height;
+    units="pixels" (the optical-flow fork): both scaled to source pixels by `source_size` (B, 2)
+    = (W, H) first, so distances and diagonals are isotropic on non-square frames. For square
+    frames the two give the same mask. flow=None (or zero) gives `pixpro_positive_mask`.
+    """
+    if units not in DISTANCE_UNITS:
+        raise ValueError(f"units must be one of {DISTANCE_UNITS}, got {units!r}")
+    c1 = cell_centres(box1, flip1, grid1)
+    c2 = cell_centres(box2, flip2, grid2)
+    valid1 = None
+    if valid is not None:
+        valid1 = sample_at_centres(valid[:, None].float(), c1, mode="nearest")[..., 0] > 0.5
+    moved = flow_warp_centres(c1, flow) if flow is not None else c1
+    s1, s2 = bin_size(box1.float(), grid1), bin_size(box2.float(), grid2)
+    if units == "pixels":
+        if source_size is None:
+            raise ValueError("units='pixels' needs source_size (B, 2) = (width, height) of the frames")
+        scale = source_size.to(c1.device).float().view(-1, 1, 2)
+        moved, c2 = moved * scale, c2 * scale
+        s1, s2 = s1 * scale[:, 0], s2 * scale[:, 0]
+    return positives_from_centres(moved, c2.to(moved.dtype), s1.norm(dim=-1), s2.norm(dim=-1), threshold, valid1)

@@ -1,0 +1,284 @@
+"""PixPro on video with optical-flow correspondences (the `rioyokotalab/PixPro-with-OpticalFlow`
+variant of PixPro; specs, PixPro section 3.8).
+
+View 1 is a crop of frame t, view 2 a crop of frame t + (nframes - 1) * stride of the same
+video (densessl.data.video.FramePairViews). Positives (densessl.data.geometry.flow_positive_mask):
+each view-1 C5 cell centre, in source-frame coordinates, is moved by the chained forward flow
+t -> t+k and compared with view 2's cell centres; distance / max of the two views' cell
+diagonals < `pos_threshold` (strict), and only where the forward-backward check of the flow
+holds at that cell (`flow_mask`). The reverse term moves view 2's centres by the chained
+backward flow t+k -> t, with its own check. Networks, PPM, EMA (inside forward, before the
+target pass, once per step) and the loss are PixPro's (densessl.methods.pixpro):
+    L = L_12(mask12) + L_21(mask21),  mask21 from the backward flow (not mask12 transposed).
+
+Units (`distance_units`): "normalised" (default, PixPro's: x and y divided by the frame's
+width and height) or "pixels" (the fork's: isotropic on non-square frames). Both give the same
+mask on square frames. Forward-backward check (`flow_mask_units`): "pixels" (UnFlow's
+|f + b|^2 <= a1 (|f|^2 + |b|^2) + a2 with a2 in px^2) or "fork" (the code's [-1, 1] units with
+a2 / sqrt(H^2 + W^2)).
+
+The batch carries "flow" and "flow_back" (B, 2, h, w) and "source_size" (B, 2); without them
+(an image dataset) the method is plain PixPro (zero flow, every cell valid).
+The `video:` section configures the frame-pair data (see VideoConfig); `make_view_dataset`
+builds it for the trainer. Until the trainer asks methods for their view dataset, train with
+`VideoTrainer` (python -m densessl.methods.pixpro_video pretrain RECIPE [overrides]).
+
+Distributed: nothing is gathered across ranks (as PixPro).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from densessl.data.geometry import DISTANCE_UNITS, flow_positive_mask
+from densessl.methods import register
+from densessl.methods.base import forward_by_resolution
+from densessl.methods.pixpro import (PixPro, PixProConfig, instance_regression, pixcontrast_loss,
+                                     pixel_consistency)
+
+
+@dataclass
+class VideoConfig:
+    """Frame-pair data for the video variant (read by the view dataset, not by the losses)."""
+    nframes: int = 2  # frames spanned: view 1 on frame t, view 2 on frame t + (nframes-1)*stride (1: single frame)
+    stride: int = 1  # frames between consecutive sampled frames (the fork: 10 fps frames, stride 1)
+    flow: str = "gt"  # gt (moving_scenes' exact flow) | none (zero) | dis | dis-fast | farneback | raft_small | raft_large
+    flow_weights: Optional[str] = None  # raft_*: the user's weights file (nothing is downloaded)
+    flow_cache: Optional[str] = None  # folder for estimated flows (.npy per frame pair); null: no cache
+    flow_size: Optional[int] = None  # longer side of the flows in the batch (the fork: 1/8 of the frame); null: frame size
+    length: int = 16  # moving_scenes: frames per video
+    max_speed: float = 1.5  # moving_scenes: item speed bound, px per frame
+    pan_speed: float = 0.5  # moving_scenes: background pan speed bound, px per frame
+    items_per_video: int = 1  # video_frames: dataset items (clips drawn) per video per epoch
+    min_frames: int = 0  # video_frames: leave out (and count) videos shorter than this
+
+
+@dataclass
+class PixProVideoConfig(PixProConfig):
+    name: str = "pixpro_video"
+    distance_units: str = "normalised"  # normalised (PixPro) | pixels (the fork)
+    flow_mask: bool = True  # positives only where the forward-backward check holds (the fork: on)
+    flow_alpha1: float = 0.01  # check: |f + b|^2 <= alpha1 (|f|^2 + |b|^2) + alpha2
+    flow_alpha2: float = 0.5
+    flow_mask_units: str = "pixels"  # pixels (UnFlow) | fork ([-1, 1] units, alpha2 / sqrt(H^2 + W^2))
+    video: VideoConfig = field(default_factory=VideoConfig)
+
+    def __post_init__(self):
+        from densessl.config import ConfigError
+        from densessl.data.flow import MASK_UNITS
+        from densessl.data.video import FLOW_SOURCES
+
+        super().__post_init__()
+        if isinstance(self.video, dict):
+            from densessl.config import from_dict
+
+            self.video = from_dict(VideoConfig, self.video, "method.video")
+        if self.distance_units not in DISTANCE_UNITS:
+            raise ConfigError(f"key 'method.distance_units' expects one of {', '.join(DISTANCE_UNITS)}, "
+                              f"got {self.distance_units!r}")
+        if self.flow_mask_units not in MASK_UNITS:
+            raise ConfigError(f"key 'method.flow_mask_units' expects one of {', '.join(MASK_UNITS)}, "
+                              f"got {self.flow_mask_units!r}")
+        v = self.video
+        if v.nframes < 1 or v.stride < 1 or v.length < 1:
+            raise ConfigError(f"keys 'method.video.nframes', 'stride', 'length' must be >= 1, got "
+                              f"{v.nframes}, {v.stride}, {v.length}")
+        if v.flow not in FLOW_SOURCES:
+            raise ConfigError(f"key 'method.video.flow' expects one of {', '.join(FLOW_SOURCES)}, got {v.flow!r}")
+        if v.flow.startswith("raft") and not v.flow_weights:
+            raise ConfigError(f"method.video.flow={v.flow} needs method.video.flow_weights=<weights file> "
+                              f"(densessl downloads nothing)")
+
+
+def video_positive_masks(batch: dict, grid1, grid2, threshold: float = 0.7, units: str = "normalised",
+                         use_mask: bool = True, alpha1: float = 0.01, alpha2: float = 0.5,
+                         mask_units: str = "pixels") -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(mask12 (B, N1, N2), mask21 (B, N2, N1), statistics) from a frame-pair batch.
+
+    mask12: view-1 centres moved by batch["flow"] (first -> last frame), valid where its
+    forward-backward check holds; mask21: view-2 centres moved by batch["flow_back"], with the
+    check of the backward flow. Without flows in the batch: PixPro's mask and its transpose.
+    """
+    from densessl.data.flow import fb_consistency_mask
+
+    box, flip = batch["box"], batch.get("flip") or [None, None]
+    fw, bw = batch.get("flow"), batch.get("flow_back")
+    size = batch.get("source_size")
+    if units == "pixels" and size is None:
+        raise ValueError("distance_units='pixels' needs batch['source_size'] (the frames' width and height)")
+    valid_fw = valid_bw = None
+    stats = {}
+    if fw is not None and use_mask:
+        valid_fw = fb_consistency_mask(fw, bw, alpha1, alpha2, mask_units, size)
+        valid_bw = fb_consistency_mask(bw, fw, alpha1, alpha2, mask_units, size)
+        stats["flow_valid_frac"] = valid_fw.float().mean()
+    mask12 = flow_positive_mask(box[0], flip[0], box[1], flip[1], grid1, grid2, fw, valid_fw, threshold, units, size)
+    mask21 = flow_positive_mask(box[1], flip[1], box[0], flip[0], grid2, grid1, bw, valid_bw, threshold, units, size)
+    if fw is not None:
+        stats["flow_magnitude"] = fw.float().norm(dim=1).mean()
+    return mask12, mask21, stats
+
+
+@register("pixpro_video", PixProVideoConfig)
+class PixProVideo(PixPro):
+    """PixPro with flow-warped positives; the networks and losses are PixPro's."""
+
+    def positive_masks(self, batch, grid1, grid2):
+        cfg = self.cfg
+        with torch.no_grad():
+            return video_positive_masks(batch, grid1, grid2, cfg.pos_threshold, cfg.distance_units, cfg.flow_mask,
+                                        cfg.flow_alpha1, cfg.flow_alpha2, cfg.flow_mask_units)
+
+    def forward(self, views, batch):
+        if len(views) != 2:
+            raise ValueError(f"PixPro (video) takes exactly 2 views, the recipe gives {len(views)}")
+        if "box" not in batch:
+            raise ValueError("PixPro (video) needs the views' geometry: batch['box'] (and batch['flip']), one per view")
+        cfg = self.cfg
+        f1, f2 = self._c5(self.backbone, views)
+        x1, x2 = forward_by_resolution(self.projector, [f1, f2])
+        mask12, mask21, stats = self.positive_masks(batch, tuple(f1.shape[-2:]), tuple(f2.shape[-2:]))
+        with torch.no_grad():
+            self._momentum_update()
+            g1, g2 = self._c5(self.target_backbone, views)
+            k1, k2 = (F.normalize(k.float(), dim=1).flatten(2)
+                      for k in forward_by_resolution(self.target_projector, [g1, g2]))
+        if cfg.mode == "pixpro":
+            q1, q2 = (y.flatten(2) for y in forward_by_resolution(self.ppm, [x1, x2]))
+            dense = pixel_consistency(q1, k2, mask12) + pixel_consistency(q2, k1, mask21)
+        else:
+            q1, q2 = (F.normalize(x.float(), dim=1).flatten(2) for x in (x1, x2))
+            dense = 0.5 * (pixcontrast_loss(q1, k2, mask12, cfg.tau, cfg.pixcontrast_negatives)
+                           + pixcontrast_loss(q2, k1, mask21, cfg.tau, cfg.pixcontrast_negatives))
+        out = {
+            cfg.mode: dense.detach(),
+            "positives_per_image": mask12.sum((1, 2)).float().mean(),
+            "positives_per_image_back": mask21.sum((1, 2)).float().mean(),
+            "z_std": k1.transpose(1, 2).reshape(-1, k1.shape[1]).std(dim=0).mean(),
+            "features": f1.mean(dim=(2, 3)).detach(),
+            **{k: v.detach() for k, v in stats.items()},
+        }
+        loss = dense
+        if self.use_instance:
+            y1, y2 = forward_by_resolution(self.projector_instance, [f1, f2])
+            p1, p2 = (p.mean(dim=(2, 3)) for p in forward_by_resolution(self.predictor, [y1, y2]))
+            with torch.no_grad():
+                z1, z2 = (z.mean(dim=(2, 3)) for z in forward_by_resolution(self.target_projector_instance, [g1, g2]))
+            ins = instance_regression(p1, z2) + instance_regression(p2, z1)
+            loss = loss + cfg.ins_loss_weight * ins
+            out["instance"] = ins.detach()
+        out["loss"] = loss
+        return out
+
+    # ------------------------------------------------------------------ data hooks
+
+    def make_view_dataset(self, dataset, cfg):
+        """(view dataset keyed by (epoch, index), collate) for the trainer's loader.
+
+        `dataset` is the video source the trainer built (densessl.data.video); the proposed
+        trainer hook calls this in place of ViewDataset/collate_views when a method has it.
+        """
+        from densessl.data.video import build_frame_pairs, collate_frame_pairs
+
+        return build_frame_pairs(dataset, cfg.views, cfg.train.seed, self.cfg.video), collate_frame_pairs
+
+
+# ---------------------------------------------------------------------- interim trainer
+
+
+def build_dataset_with_video(data_cfg, split: str = "train", **kwargs):
+    """densessl.data.build.build_dataset, plus the video sources moving_scenes / video_frames.
+
+    The video sources need the method's `video:` section; it is taken from the config being
+    built (set by VideoTrainer), else VideoConfig's defaults.
+    """
+    from densessl.data.build import build_dataset
+    from densessl.data.video import build_video_source
+
+    if data_cfg.dataset in ("moving_scenes", "video_frames") and not kwargs:
+        return build_video_source(data_cfg, _CURRENT_VIDEO_CFG or VideoConfig(), split)
+    return build_dataset(data_cfg, split, **kwargs)
+
+
+_CURRENT_VIDEO_CFG: Optional[VideoConfig] = None
+
+
+@contextlib.contextmanager
+def _video_datasets(video_cfg):
+    """While the base Trainer builds its dataset, let it build video sources too."""
+    global _CURRENT_VIDEO_CFG
+    import densessl.engine.trainer as trainer_mod
+
+    saved, saved_cfg = trainer_mod.build_dataset, _CURRENT_VIDEO_CFG
+    trainer_mod.build_dataset, _CURRENT_VIDEO_CFG = build_dataset_with_video, video_cfg
+    try:
+        yield
+    finally:
+        trainer_mod.build_dataset, _CURRENT_VIDEO_CFG = saved, saved_cfg
+
+
+def video_trainer_class():
+    """The Trainer subclass for frame-pair data (imported lazily: the trainer imports methods)."""
+    from torch.utils.data import DataLoader
+
+    from densessl.data.views import ResumableBatchSampler
+    from densessl.engine.trainer import Trainer
+
+    class VideoTrainer(Trainer):
+        """Trainer whose data are video sources and frame-pair views.
+
+        Interim glue, equivalent to two small changes in files this method does not own:
+        data.build.build_dataset learns `moving_scenes` / `video_frames`, and Trainer._loader
+        uses `method.make_view_dataset(dataset, cfg)` when the method has it.
+        """
+
+        def __init__(self, cfg, dist_info=None):
+            video = getattr(cfg.method, "video", None)
+            if video is None or not hasattr(video, "nframes"):
+                raise ValueError(f"VideoTrainer needs a method with a `video:` section (pixpro_video), "
+                                 f"got method.name={cfg.method.name!r}")
+            with _video_datasets(video):
+                super().__init__(cfg, dist_info)
+
+        def _loader(self, epoch, start):
+            t = self.cfg.train
+            make = getattr(self.method, "make_view_dataset", None)
+            views, collate = make(self.dataset, self.cfg)
+            sampler = ResumableBatchSampler(len(self.dataset), t.batch_size, self.steps_per_epoch, t.seed, epoch,
+                                            start, self.dist.rank, self.dist.world_size)
+            nw = self.cfg.data.num_workers
+            return DataLoader(views, batch_sampler=sampler, collate_fn=collate, num_workers=nw,
+                              pin_memory=self.dist.device.type == "cuda", persistent_workers=False,
+                              prefetch_factor=4 if nw > 0 else None)
+
+    return VideoTrainer
+
+
+def main(argv=None) -> int:
+    """python -m densessl.methods.pixpro_video pretrain RECIPE [key=value ...]"""
+    import argparse
+
+    from densessl.config import build_config
+
+    p = argparse.ArgumentParser(prog="python -m densessl.methods.pixpro_video")
+    p.add_argument("command", choices=["pretrain"])
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    cfg = build_config(args.recipe, args.overrides)
+    # the registered module, not __main__ (under `python -m` this file is loaded twice)
+    from densessl.methods.pixpro_video import video_trainer_class as trainer_class
+
+    result = trainer_class()(cfg).fit()
+    print(f"finished at step {result['step']}; checkpoint {result['checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""PixPro with optical-flow positives: masks, the method, and a short training run."""
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import TINY
+from densessl.config import ConfigError, build_config
+from densessl.data.geometry import pixpro_positive_mask
+from densessl.methods.pixpro import PixPro, PixProConfig
+from densessl.methods.pixpro_video import (PixProVideo, PixProVideoConfig, VideoConfig, video_positive_masks,
+                                           video_trainer_class)
+from densessl.models.backbones import build_backbone
+
+FULL = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+
+
+def const_flow(B, dx, dy, h=32, w=32):
+    return torch.tensor([float(dx), float(dy)]).view(1, 2, 1, 1).expand(B, 2, h, w).clone()
+
+
+def frame_batch(B, box1, box2, fw=None, bw=None, size=(32, 32), flip=None):
+    batch = {"box": [box1.expand(B, 4), box2.expand(B, 4)],
+             "flip": flip or [torch.zeros(B, dtype=torch.bool), torch.zeros(B, dtype=torch.bool)],
+             "source_size": torch.tensor([[float(size[0]), float(size[1])]]).expand(B, 2)}
+    if fw is not None:
+        batch["flow"], batch["flow_back"] = fw, bw
+    return batch
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_sections_and_errors():
+    cfg = build_config("pixpro-video-scenes", ["method.video.nframes=2", "method.distance_units=pixels"])
+    assert isinstance(cfg.method, PixProVideoConfig) and isinstance(cfg.method.video, VideoConfig)
+    assert cfg.method.video.nframes == 2 and cfg.method.distance_units == "pixels"
+    with pytest.raises(ConfigError, match="method.distance_units"):
+        PixProVideoConfig(distance_units="metres")
+    with pytest.raises(ConfigError, match="method.flow_mask_units"):
+        PixProVideoConfig(flow_mask_units="cm")
+    with pytest.raises(ConfigError, match="method.video.flow"):
+        build_config("pixpro-video-scenes", ["method.video.flow=magic"])
+    with pytest.raises(ConfigError, match="flow_weights"):
+        build_config("pixpro-video-scenes", ["method.video.flow=raft_small"])
+    with pytest.raises(ConfigError, match="unknown key 'method.video.nframe'"):
+        build_config("pixpro-video-scenes", ["method.video.nframe=3"])
+    with pytest.raises(ConfigError, match="nframes"):
+        build_config("pixpro-video-scenes", ["method.video.nframes=0"])
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def test_zero_flow_gives_image_pixpro_positives():
+    gen = torch.Generator().manual_seed(1)
+    B = 8
+    b1 = torch.cat([torch.rand(B, 2, generator=gen) * 0.4, 0.6 + torch.rand(B, 2, generator=gen) * 0.4], 1)
+    b2 = torch.cat([torch.rand(B, 2, generator=gen) * 0.4, 0.6 + torch.rand(B, 2, generator=gen) * 0.4], 1)
+    flips = [torch.rand(B, generator=gen) < 0.5, torch.rand(B, generator=gen) < 0.5]
+    ref = pixpro_positive_mask(b1, flips[0], b2, flips[1], (4, 4), (4, 4))
+    zero = torch.zeros(B, 2, 32, 32)
+    for batch in (frame_batch(B, b1, b2, flip=flips), frame_batch(B, b1, b2, zero, zero, flip=flips)):
+        for units in ("normalised", "pixels"):
+            m12, m21, _ = video_positive_masks(batch, (4, 4), (4, 4), units=units)
+            assert torch.equal(m12, ref) and torch.equal(m21, ref.transpose(1, 2))
+
+
+def test_translation_gives_identity_both_ways_and_the_backward_term_uses_the_backward_flow():
+    B, d = 2, 6
+    box1 = torch.tensor([[0.1, 0.2, 0.6, 0.7]])
+    box2 = box1 + torch.tensor([d / 32, 0.0, d / 32, 0.0])
+    fw, bw = const_flow(B, d, 0), const_flow(B, -d, 0)
+    eye = torch.eye(16, dtype=torch.bool).expand(B, -1, -1)
+    m12, m21, stats = video_positive_masks(frame_batch(B, box1, box2, fw, bw), (4, 4), (4, 4))
+    assert torch.equal(m12, eye) and torch.equal(m21, eye)
+    assert float(stats["flow_valid_frac"]) == pytest.approx((32 - d) / 32)
+    # a backward flow that does not undo the forward one: the check fails, no positives at all
+    m12, m21, _ = video_positive_masks(frame_batch(B, box1, box2, fw, fw), (4, 4), (4, 4))
+    assert not m12.any() and not m21.any()
+    # ... unless the check is off: then each direction follows its own flow
+    m12, m21, _ = video_positive_masks(frame_batch(B, box1, box2, fw, fw), (4, 4), (4, 4), use_mask=False)
+    assert torch.equal(m12, eye) and not torch.equal(m21, eye)
+
+
+def test_cells_whose_points_leave_the_frame_have_no_positives():
+    B, d = 1, 12
+    fw, bw = const_flow(B, d, 0), const_flow(B, -d, 0)
+    m12, _, _ = video_positive_masks(frame_batch(B, FULL, FULL, fw, bw), (4, 4), (4, 4))
+    # columns at x = 4, 12, 20, 28 px move to 16, 24, 32, 40: the last two leave the 32-px frame
+    # (invalid); 16 and 24 lie 4 px (0.35 cell diagonals) from two view-2 columns each
+    expected = torch.zeros(16, 16, dtype=torch.bool)
+    for r in range(4):
+        for c1, c2 in ((0, 1), (0, 2), (1, 2), (1, 3)):
+            expected[4 * r + c1, 4 * r + c2] = True
+    assert torch.equal(m12[0], expected)
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+def small(**kw):
+    torch.manual_seed(0)
+    cfg = PixProVideoConfig(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32, **kw)
+    return PixProVideo(cfg, build_backbone("resnet18_small", 8))
+
+
+def test_with_zero_flow_the_loss_is_image_pixpros():
+    video = small()
+    torch.manual_seed(0)
+    image = PixPro(PixProConfig(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32), build_backbone("resnet18_small", 8))
+    image.load_state_dict(video.state_dict())
+    views = [torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64)]
+    box2 = torch.tensor([[0.0, 0.0, 0.5, 0.5]])
+    zero = torch.zeros(4, 2, 16, 16)
+    out_v = video(views, frame_batch(4, FULL, box2, zero, zero, size=(16, 16)))
+    out_i = image(views, {"box": [FULL.expand(4, 4), box2.expand(4, 4)], "flip": [None, None]})
+    assert torch.allclose(out_v["loss"], out_i["loss"], atol=1e-6)
+    assert float(out_v["positives_per_image"]) == float(out_i["positives_per_image"]) == 40
+
+
+def test_forward_backward_statistics_and_no_target_gradient():
+    m = small()
+    m.total_steps = 10
+    views = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)]
+    box2 = FULL + torch.tensor([[0.1, 0.0, 0.1, 0.0]])
+    out = m(views, frame_batch(2, FULL, box2, const_flow(2, 3.2, 0), const_flow(2, -3.2, 0)))
+    assert -4 <= float(out["loss"].detach()) <= 4
+    assert {"pixpro", "positives_per_image", "positives_per_image_back", "flow_valid_frac", "flow_magnitude",
+            "z_std"} <= set(out)
+    assert all(v.ndim == 0 for k, v in out.items() if k != "features") and out["features"].shape == (2, 64)
+    out["loss"].backward()
+    assert m.backbone.conv1.weight.grad is not None and all(p.grad is None for p in m.target_backbone.parameters())
+    # pixcontrast mode and the instance branch go through the same masks
+    pc = small(mode="pixcontrast", ins_loss_weight=1.0)
+    out = pc(views, frame_batch(2, FULL, box2, const_flow(2, 3.2, 0), const_flow(2, -3.2, 0)))
+    assert "pixcontrast" in out and "instance" in out and math.isfinite(float(out["loss"].detach()))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("extra", [["method.video.nframes=3"], ["method.video.nframes=1"]])
+def test_trains_four_steps_through_the_video_trainer(extra, tmp_path):
+    cfg = build_config("pixpro-video-scenes", TINY + ["train.epochs=1", "method.video.length=6",
+                                                      f"run_dir={tmp_path / 'run'}"] + extra)
+    trainer = video_trainer_class()(cfg)
+    result = trainer.fit()
+    assert result["step"] == 4
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert trainer.method.momentum > cfg.method.momentum_base
+    flows = [r["flow_magnitude"] for r in recs if "loss" in r]
+    assert (min(flows) > 0) == (cfg.method.video.nframes > 1)
+
+
+def test_video_trainer_with_estimated_flow_and_cache(tmp_path):
+    cache = tmp_path / "flows"
+    cfg = build_config("pixpro-video-scenes", TINY + [
+        "train.epochs=1", "train.steps_per_epoch=2", "method.video.nframes=2", "method.video.length=4",
+        "method.video.flow=dis", f"method.video.flow_cache={cache}", f"run_dir={tmp_path / 'run'}"])
+    assert video_trainer_class()(cfg).fit()["step"] == 2
+    assert len(list(cache.rglob("*.npy"))) == 2 * 2 * 16  # 2 steps x 16 clips, forward and backward
+    with pytest.raises(ValueError, match="video"):
+        video_trainer_class()(build_config("pixpro-scenes", TINY + [f"run_dir={tmp_path / 'other'}"]))
