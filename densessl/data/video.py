@@ -627,3 +627,22 @@ if __name__ == "__main__":  # pragma: no cover
     import sys
 
     sys.exit(main())
+
+
+def moving_scenes_segmentation(split: str, num: int, size: int = 64, seed: int = 0, root=None,
+                               frames_per_video: int = 2, num_frames: int = 16, max_speed: float = 1.5,
+                               pan_speed: float = 0.5):
+    """(items, class names) for a segmentation probe on MovingScenes frames: `num` items
+    {"image", "mask"} (mask: 0 background, class + 1), kept in memory, from
+    ceil(num / frames_per_video) videos of the split; class names start with "background".
+    The shape densessl.eval.transfer.build_task_dataset gives for task="segmentation"."""
+    from densessl.data.fashion_mnist import CLASSES
+
+    videos = MovingScenes(split=split, num_videos=-(-num // frames_per_video), size=size, num_frames=num_frames,
+                          seed=seed, root=root, max_speed=max_speed, pan_speed=pan_speed)
+    frames = MovingSceneFrames(videos, frames_per_video)
+    items = []
+    for k in range(num):
+        s = frames[k]
+        items.append({"image": s["image"], "mask": s["semantic"]})
+    return items, ("background",) + tuple(CLASSES)

@@ -228,3 +228,12 @@ def test_estimated_flow_is_cached_and_precomputed(tmp_path):
     assert ShiftFlow.calls == 6  # everything came from the cache
     assert s["flow"].shape == (2, 8, 12) and torch.allclose(s["flow"], torch.full((2, 8, 12), 1.0))  # 2 x 0.5
     assert torch.allclose(s["flow_back"], torch.full((2, 8, 12), 1.0))
+
+
+def test_segmentation_items_from_moving_scenes():
+    from densessl.data.video import moving_scenes_segmentation
+
+    items, classes = moving_scenes_segmentation("val", 5, size=32, frames_per_video=2, num_frames=4)
+    assert len(items) == 5 and classes[0] == "background" and len(classes) == 11
+    assert items[0]["image"].shape == (3, 32, 32) and items[0]["mask"].dtype == torch.int64
+    assert int(max(int(it["mask"].max()) for it in items)) <= 10
