@@ -47,7 +47,7 @@ for seed in $SEEDS; do
     run="$OUT/$v-s$seed"
     echo "== pretraining $v (seed $seed) -> $run" >&2
     # shellcheck disable=SC2086
-    "$PY" -m densessl.methods.pixpro_video pretrain pixpro-video-scenes $opts train.epochs="$EPOCHS" \
+    "$PY" -m densessl.cli pretrain pixpro-video-scenes $opts train.epochs="$EPOCHS" \
       train.batch_size="$BATCH" data.num_scenes="$NUM_VIDEOS" train.seed="$seed" train.device="$DEVICE" \
       train.progress=false run_dir="$run" $EXTRA > "$run.pretrain.log" 2>&1 \
       || { echo "pretraining $v failed; see $run.pretrain.log" >&2; exit 1; }
@@ -64,24 +64,8 @@ import sys
 from pathlib import Path
 
 import densessl.eval.segmentation as seg
-from densessl.data.video import moving_scenes_segmentation
-from densessl.eval.transfer import _InMemory
 
 out = Path(os.environ["OUT"])
-builtin = seg.build_task_dataset
-
-
-def task_dataset(data, split, task):
-    # MovingScenes frames (until densessl.eval.transfer.build_task_dataset knows moving_scenes)
-    if data.dataset != "moving_scenes":
-        return builtin(data, split, task)
-    name = data.train_split if split == "train" else data.val_split
-    items, classes = moving_scenes_segmentation(name, data.num_train if split == "train" else data.num_val,
-                                                data.size, data.seed, data.root)
-    return _InMemory(items), classes
-
-
-seg.build_task_dataset = task_dataset
 overrides = ["preset=scenes", "data.dataset=moving_scenes", "data.seed=1", "freeze_backbone=true",
              f"iterations={os.environ['SEG_ITERS']}", f"data.num_train={os.environ['SEG_TRAIN']}",
              f"data.num_val={os.environ['SEG_VAL']}", f"device={os.environ['DEVICE']}", "log_every=0"]

@@ -2,8 +2,19 @@
 from __future__ import annotations
 
 
-def build_dataset(data_cfg, split: str = "train", with_masks: bool = False, single_item: bool = False, num=None):
-    """fashion_scenes (built in) or imagefolder (data.root). `num` overrides data.num_scenes."""
+def build_dataset(data_cfg, split: str = "train", with_masks: bool = False, single_item: bool = False, num=None,
+                  method_cfg=None):
+    """fashion_scenes (built in), imagefolder (data.root), or the video sources moving_scenes /
+    video_frames (their frame settings live in the method's `video:` section). `num` overrides
+    data.num_scenes."""
+    if data_cfg.dataset in ("moving_scenes", "video_frames"):
+        from densessl.data.video import build_video_source
+
+        video_cfg = getattr(method_cfg, "video", None)
+        if video_cfg is None:
+            raise ValueError(f"data.dataset={data_cfg.dataset} needs a video method (method.name=pixpro_video) "
+                             f"whose `video:` section says how to sample frames")
+        return build_video_source(data_cfg, video_cfg, split)
     if data_cfg.dataset == "fashion_scenes":
         from densessl.data.scenes import FashionItems, FashionScenes
 
@@ -18,4 +29,5 @@ def build_dataset(data_cfg, split: str = "train", with_masks: bool = False, sing
         if not data_cfg.root:
             raise ValueError("data.dataset=imagefolder needs data.root=<folder of images>")
         return ImageFolder(data_cfg.root, on_error=data_cfg.on_error, size=data_cfg.size)
-    raise ValueError(f"data.dataset={data_cfg.dataset!r}; expected fashion_scenes or imagefolder")
+    raise ValueError(f"data.dataset={data_cfg.dataset!r}; expected fashion_scenes, imagefolder, moving_scenes "
+                     f"or video_frames")

@@ -92,7 +92,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         t = cfg.train
         torch.manual_seed(t.seed)  # identical initial weights on every rank
-        self.dataset = build_dataset(cfg.data, split="train")
+        self.dataset = build_dataset(cfg.data, split="train", method_cfg=cfg.method)
         self.steps_per_epoch = t.steps_per_epoch or len(self.dataset) // t.batch_size
         if self.steps_per_epoch < 1:
             raise ValueError(f"dataset has {len(self.dataset)} images, fewer than train.batch_size={t.batch_size}")
@@ -187,11 +187,15 @@ class Trainer:
 
     def _loader(self, epoch: int, start: int) -> DataLoader:
         t = self.cfg.train
-        views = ViewDataset(self.dataset, ViewSampler(self.cfg.views), seed=t.seed)
+        make = getattr(self.method, "make_view_dataset", None)  # methods with their own views (video)
+        if make is not None:
+            views, collate = make(self.dataset, self.cfg)
+        else:
+            views, collate = ViewDataset(self.dataset, ViewSampler(self.cfg.views), seed=t.seed), collate_views
         sampler = ResumableBatchSampler(len(self.dataset), t.batch_size, self.steps_per_epoch, t.seed, epoch,
                                         start, self.dist.rank, self.dist.world_size)
         nw = self.cfg.data.num_workers
-        return DataLoader(views, batch_sampler=sampler, collate_fn=collate_views, num_workers=nw,
+        return DataLoader(views, batch_sampler=sampler, collate_fn=collate, num_workers=nw,
                           pin_memory=self.dist.device.type == "cuda", persistent_workers=False,
                           prefetch_factor=4 if nw > 0 else None)
 

@@ -24,7 +24,7 @@ TASKS = ("detection", "segmentation", "multilabel")
 
 @dataclass
 class TransferData:
-    dataset: str = "fashion_scenes"  # fashion_scenes | voc | coco
+    dataset: str = "fashion_scenes"  # fashion_scenes | voc | coco | moving_scenes (frames, segmentation)
     root: Optional[str] = None  # voc: the VOC2007-style folder; coco: the COCO folder; scenes: Fashion-MNIST folder
     extra_roots: list[str] = field(default_factory=list)  # voc: more roots for training (VOC07+12: [VOC2012])
     train_split: str = "train"
@@ -163,6 +163,14 @@ def build_task_dataset(data: TransferData, split: str, task: str):
         view = _TaskView(src, task, "scenes")
         ds = _InMemory([view[i] for i in range(len(view))])
         classes = tuple(CLASSES)
+    elif data.dataset == "moving_scenes":
+        from densessl.data.video import moving_scenes_segmentation
+
+        if task != "segmentation":
+            raise ConfigError(f"moving_scenes serves the segmentation task only, not {task!r}")
+        num = data.num_train if split == "train" else data.num_val
+        items, classes = moving_scenes_segmentation(name, num, data.size, data.seed, data.root)
+        ds = _InMemory(items)
     elif data.dataset == "voc":
         from densessl.data.voc import VOCDetection, VOCSegmentation
 

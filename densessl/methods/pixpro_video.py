@@ -20,14 +20,12 @@ a2 / sqrt(H^2 + W^2)).
 The batch carries "flow" and "flow_back" (B, 2, h, w) and "source_size" (B, 2); without them
 (an image dataset) the method is plain PixPro (zero flow, every cell valid).
 The `video:` section configures the frame-pair data (see VideoConfig); `make_view_dataset`
-builds it for the trainer. Until the trainer asks methods for their view dataset, train with
-`VideoTrainer` (python -m densessl.methods.pixpro_video pretrain RECIPE [overrides]).
+builds it for the trainer (densessl pretrain pixpro-video-scenes).
 
 Distributed: nothing is gathered across ranks (as PixPro).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -185,100 +183,3 @@ class PixProVideo(PixPro):
         from densessl.data.video import build_frame_pairs, collate_frame_pairs
 
         return build_frame_pairs(dataset, cfg.views, cfg.train.seed, self.cfg.video), collate_frame_pairs
-
-
-# ---------------------------------------------------------------------- interim trainer
-
-
-def build_dataset_with_video(data_cfg, split: str = "train", **kwargs):
-    """densessl.data.build.build_dataset, plus the video sources moving_scenes / video_frames.
-
-    The video sources need the method's `video:` section; it is taken from the config being
-    built (set by VideoTrainer), else VideoConfig's defaults.
-    """
-    from densessl.data.build import build_dataset
-    from densessl.data.video import build_video_source
-
-    if data_cfg.dataset in ("moving_scenes", "video_frames") and not kwargs:
-        return build_video_source(data_cfg, _CURRENT_VIDEO_CFG or VideoConfig(), split)
-    return build_dataset(data_cfg, split, **kwargs)
-
-
-_CURRENT_VIDEO_CFG: Optional[VideoConfig] = None
-
-
-@contextlib.contextmanager
-def _video_datasets(video_cfg):
-    """While the base Trainer builds its dataset, let it build video sources too."""
-    global _CURRENT_VIDEO_CFG
-    import densessl.engine.trainer as trainer_mod
-
-    saved, saved_cfg = trainer_mod.build_dataset, _CURRENT_VIDEO_CFG
-    trainer_mod.build_dataset, _CURRENT_VIDEO_CFG = build_dataset_with_video, video_cfg
-    try:
-        yield
-    finally:
-        trainer_mod.build_dataset, _CURRENT_VIDEO_CFG = saved, saved_cfg
-
-
-def video_trainer_class():
-    """The Trainer subclass for frame-pair data (imported lazily: the trainer imports methods)."""
-    from torch.utils.data import DataLoader
-
-    from densessl.data.views import ResumableBatchSampler
-    from densessl.engine.trainer import Trainer
-
-    class VideoTrainer(Trainer):
-        """Trainer whose data are video sources and frame-pair views.
-
-        Interim glue, equivalent to two small changes in files this method does not own:
-        data.build.build_dataset learns `moving_scenes` / `video_frames`, and Trainer._loader
-        uses `method.make_view_dataset(dataset, cfg)` when the method has it.
-        """
-
-        def __init__(self, cfg, dist_info=None):
-            video = getattr(cfg.method, "video", None)
-            if video is None or not hasattr(video, "nframes"):
-                raise ValueError(f"VideoTrainer needs a method with a `video:` section (pixpro_video), "
-                                 f"got method.name={cfg.method.name!r}")
-            with _video_datasets(video):
-                super().__init__(cfg, dist_info)
-
-        def _loader(self, epoch, start):
-            t = self.cfg.train
-            make = getattr(self.method, "make_view_dataset", None)
-            views, collate = make(self.dataset, self.cfg)
-            sampler = ResumableBatchSampler(len(self.dataset), t.batch_size, self.steps_per_epoch, t.seed, epoch,
-                                            start, self.dist.rank, self.dist.world_size)
-            nw = self.cfg.data.num_workers
-            return DataLoader(views, batch_sampler=sampler, collate_fn=collate, num_workers=nw,
-                              pin_memory=self.dist.device.type == "cuda", persistent_workers=False,
-                              prefetch_factor=4 if nw > 0 else None)
-
-    return VideoTrainer
-
-
-def main(argv=None) -> int:
-    """python -m densessl.methods.pixpro_video pretrain RECIPE [key=value ...]"""
-    import argparse
-
-    from densessl.config import build_config
-
-    p = argparse.ArgumentParser(prog="python -m densessl.methods.pixpro_video")
-    p.add_argument("command", choices=["pretrain"])
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
-    cfg = build_config(args.recipe, args.overrides)
-    # the registered module, not __main__ (under `python -m` this file is loaded twice)
-    from densessl.methods.pixpro_video import video_trainer_class as trainer_class
-
-    result = trainer_class()(cfg).fit()
-    print(f"finished at step {result['step']}; checkpoint {result['checkpoint']}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    import sys
-
-    sys.exit(main())

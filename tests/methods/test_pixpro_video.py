@@ -9,8 +9,8 @@ from conftest import TINY
 from densessl.config import ConfigError, build_config
 from densessl.data.geometry import pixpro_positive_mask
 from densessl.methods.pixpro import PixPro, PixProConfig
-from densessl.methods.pixpro_video import (PixProVideo, PixProVideoConfig, VideoConfig, video_positive_masks,
-                                           video_trainer_class)
+from densessl.engine.trainer import Trainer
+from densessl.methods.pixpro_video import (PixProVideo, PixProVideoConfig, VideoConfig, video_positive_masks)
 from densessl.models.backbones import build_backbone
 
 FULL = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
@@ -142,10 +142,10 @@ def test_forward_backward_statistics_and_no_target_gradient():
 
 
 @pytest.mark.parametrize("extra", [["method.video.nframes=3"], ["method.video.nframes=1"]])
-def test_trains_four_steps_through_the_video_trainer(extra, tmp_path):
+def test_trains_four_steps_through_the_trainer(extra, tmp_path):
     cfg = build_config("pixpro-video-scenes", TINY + ["train.epochs=1", "method.video.length=6",
                                                       f"run_dir={tmp_path / 'run'}"] + extra)
-    trainer = video_trainer_class()(cfg)
+    trainer = Trainer(cfg)
     result = trainer.fit()
     assert result["step"] == 4
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -156,12 +156,12 @@ def test_trains_four_steps_through_the_video_trainer(extra, tmp_path):
     assert (min(flows) > 0) == (cfg.method.video.nframes > 1)
 
 
-def test_video_trainer_with_estimated_flow_and_cache(tmp_path):
+def test_trainer_with_estimated_flow_and_cache(tmp_path):
     cache = tmp_path / "flows"
     cfg = build_config("pixpro-video-scenes", TINY + [
         "train.epochs=1", "train.steps_per_epoch=2", "method.video.nframes=2", "method.video.length=4",
         "method.video.flow=dis", f"method.video.flow_cache={cache}", f"run_dir={tmp_path / 'run'}"])
-    assert video_trainer_class()(cfg).fit()["step"] == 2
+    assert Trainer(cfg).fit()["step"] == 2
     assert len(list(cache.rglob("*.npy"))) == 2 * 2 * 16  # 2 steps x 16 clips, forward and backward
     with pytest.raises(ValueError, match="video"):
-        video_trainer_class()(build_config("pixpro-scenes", TINY + [f"run_dir={tmp_path / 'other'}"]))
+        Trainer(build_config("pixpro-scenes", TINY + ["data.dataset=moving_scenes", f"run_dir={tmp_path / 'other'}"]))
