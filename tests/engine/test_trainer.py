@@ -108,7 +108,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     env = subprocess_env()
     subprocess.run(cli_command("pretrain", "byol-scenes", *args, f"run_dir={one}"), check=True, env=env,
                    capture_output=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                 "-m", "densessl.cli", "pretrain", "byol-scenes", *args, f"run_dir={two}", "train.sync_bn=true"]
     res = subprocess.run(torchrun, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]

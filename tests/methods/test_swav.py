@@ -303,8 +303,7 @@ def test_two_gloo_processes_train_like_one_process_with_the_queue(tmp_path):
     env = subprocess_env()
     subprocess.run(cli_command("pretrain", "swav-scenes", *args, f"run_dir={one}"), check=True, env=env,
                    capture_output=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(_free_port()), "-m", "densessl.cli", "pretrain", "swav-scenes", *args, f"run_dir={two}",
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "densessl.cli", "pretrain", "swav-scenes", *args, f"run_dir={two}",
                 "train.sync_bn=true"]
     res = subprocess.run(torchrun, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
