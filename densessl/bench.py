@@ -210,7 +210,8 @@ def seed_style_views(paths, crops):
         return T.Compose([
             T.RandomResizedCrop(size, scale=scale), T.RandomHorizontalFlip(),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
-            T.RandomApply([T.GaussianBlur(23, (0.1, 2.0))], p=0.5), T.RandomSolarize(128, p=0.2),
+            T.RandomApply([T.GaussianBlur(max(3, round(23 / 224 * size) | 1), (0.1, 2.0))], p=0.5),
+            T.RandomSolarize(128, p=0.2),
             T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
 
     pipes = [(pipeline(s, sc), c) for s, c, sc in crops]

@@ -26,9 +26,12 @@ def _per_sample(v: torch.Tensor) -> torch.Tensor:
     return v.view(-1, 1, 1, 1)
 
 
+_GRAY = (0.2989, 0.587, 0.114)
+
+
 def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+    w = torch.tensor(_GRAY, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)
 
 
 def adjust_brightness(x, factor):
@@ -38,12 +41,12 @@ def adjust_brightness(x, factor):
 def adjust_contrast(x, factor):
     mean = rgb_to_gray(x).mean(dim=(1, 2, 3), keepdim=True)
     f = _per_sample(factor)
-    return (f * x + (1 - f) * mean).clamp_(0, 1)
+    return (x * f).add_((1 - f) * mean).clamp_(0, 1)
 
 
 def adjust_saturation(x, factor):
     f = _per_sample(factor)
-    return (f * x + (1 - f) * rgb_to_gray(x)).clamp_(0, 1)
+    return (x * f).add_((1 - f) * rgb_to_gray(x)).clamp_(0, 1)
 
 
 def adjust_hue(x, shift):
@@ -105,37 +108,43 @@ def sample_photometric_params(cfg, n: int, generator: torch.Generator) -> dict:
     }
 
 
+def _on_selected(x: torch.Tensor, sel: torch.Tensor, fn, *params: torch.Tensor) -> torch.Tensor:
+    """x with fn(x, *params) applied to the samples where `sel` is true.
+
+    On a GPU every sample is computed and the selected ones kept (no host sync). On a CPU, where
+    these memory-bound ops are the cost, only the selected samples are gathered and computed.
+    """
+    if x.is_cuda:
+        return torch.where(_per_sample(sel), fn(x, *params), x)
+    idx = sel.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return x
+    if idx.numel() == x.shape[0]:
+        return fn(x, *params)
+    return x.index_copy_(0, idx, fn(x.index_select(0, idx), *(q.index_select(0, idx) for q in params)))
+
+
 def apply_photometric(x: torch.Tensor, p: dict, cfg) -> torch.Tensor:
-    """Colour jitter (random order) -> grayscale -> blur -> solarize, as BYOL's pipeline."""
+    """Colour jitter (random order) -> grayscale -> blur -> solarize, as BYOL's pipeline.
+
+    Works in place on `x` (float in [0, 1]) where it can: pass a tensor the caller owns."""
     p = {k: v.to(x.device, non_blocking=True) for k, v in p.items()}
-    jitter = p["jitter"]
+    jitter, factors = p["jitter"], p["factors"]
     if cfg.jitter_p > 0:
-        for pos in range(4):
-            op = p["order"][:, pos]
-            for idx, fn in enumerate((adjust_brightness, adjust_contrast, adjust_saturation)):
-                if cfg_strength(cfg, idx) > 0:
-                    # identity factor 1 where this op is not selected: exactly a no-op
-                    f = torch.where(jitter & (op == idx), p["factors"][:, idx], torch.ones_like(jitter, dtype=x.dtype))
-                    x = fn(x, f)
-            if cfg.hue > 0:
-                sel = jitter & (op == 3)
-                if x.is_cuda:  # no host sync: compute on all, keep where selected
-                    x = torch.where(_per_sample(sel), adjust_hue(x, p["factors"][:, 3]), x)
-                else:  # on CPU, the hue op is the costly one: only the selected samples
-                    idx = sel.nonzero().squeeze(1)
-                    x = x.index_copy(0, idx, adjust_hue(x[idx], p["factors"][idx, 3]))
+        ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+        strengths = (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)
+        for pos in range(4):  # each jittered sample gets each op once, at its own position
+            for idx, (fn, strength) in enumerate(zip(ops, strengths)):
+                if strength > 0:
+                    x = _on_selected(x, jitter & (p["order"][:, pos] == idx), fn, factors[:, idx])
     if cfg.gray_p > 0:
-        x = torch.where(_per_sample(p["gray"]), rgb_to_gray(x).expand_as(x), x)
+        x = _on_selected(x, p["gray"], lambda y: rgb_to_gray(y).expand_as(y).contiguous())
     if cfg.blur_p > 0:
         k = max(3, int(round(cfg.blur_kernel_frac * x.shape[-1])) | 1)
-        x = torch.where(_per_sample(p["blur"]), gaussian_blur(x, p["sigma"], k), x)
+        x = _on_selected(x, p["blur"], lambda y, sigma: gaussian_blur(y, sigma, k), p["sigma"])
     if cfg.solarize_p > 0:
         x = solarize(x, p["solarize"])
     return x
-
-
-def cfg_strength(cfg, idx: int) -> float:
-    return (cfg.brightness, cfg.contrast, cfg.saturation)[idx]
 
 
 def augment_batch(views: list[torch.Tensor], groups, seed: int, step: int, device, rank: int = 0,
