@@ -95,7 +95,7 @@ class TrainConfig:
     steps_per_epoch: Optional[int] = None  # None: len(dataset) // batch_size
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    channels_last: Optional[bool] = None  # None: auto (GPU yes; CPU no, measured faster there)
+    channels_last: Optional[bool] = None  # None: auto (on; measured faster on CPU and GPU)
     sync_bn: bool = True  # only used when world size > 1
     log_every: int = 10
     ckpt_every: int = 100  # steps between `last` checkpoints

@@ -79,9 +79,9 @@ def cpu_has_amx() -> bool:
 
 
 def resolve_channels_last(setting: bool | None, device: torch.device) -> bool:
-    """channels_last pays on GPUs; on CPUs with bf16 the default layout measured faster
-    (docs/performance.md), so `auto` (None) picks it per device."""
-    return device.type == "cuda" if setting is None else setting
+    """channels_last unless the config says otherwise: faster on GPUs and, with bf16 and fp32
+    alike, on this project's CPUs (benchmarks/step_layouts.py, docs/performance.md)."""
+    return True if setting is None else setting
 
 
 class Trainer:
