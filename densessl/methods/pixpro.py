@@ -127,9 +127,11 @@ def pixel_consistency(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> t
     return -2.0 * per_image.mean()
 
 
-def pixpro_loss(q1, q2, k1, k2, mask12) -> torch.Tensor:
-    """Symmetric PixPro loss L_12 + L_21 in [-4, 4]; mask12 (B, N1, N2) view-1 x view-2 positives."""
-    return pixel_consistency(q1, k2, mask12) + pixel_consistency(q2, k1, mask12.transpose(1, 2))
+def pixpro_loss(q1, q2, k1, k2, mask12, mask21=None) -> torch.Tensor:
+    """Symmetric PixPro loss L_12 + L_21 in [-4, 4]; mask12 (B, N1, N2) view-1 x view-2 positives,
+    mask21 the reverse ones (default: mask12 transposed; the video variant's differ)."""
+    mask21 = mask12.transpose(1, 2) if mask21 is None else mask21
+    return pixel_consistency(q1, k2, mask12) + pixel_consistency(q2, k1, mask21)
 
 
 def pixcontrast_loss(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, tau: float,
@@ -205,6 +207,15 @@ class PixPro(Method):
         for t, o in pairs:
             ema_update_(t, o, self.momentum)
 
+    def positive_masks(self, batch, grid1, grid2):
+        """(view-1 x view-2 positives, view-2 x view-1 positives, statistics) from the geometry.
+
+        The video variant overrides this with flow-warped correspondences."""
+        flips = batch.get("flip") or [None, None]
+        mask = pixpro_positive_mask(batch["box"][0], flips[0], batch["box"][1], flips[1], grid1, grid2,
+                                    self.cfg.pos_threshold)
+        return mask, mask.transpose(1, 2), {}
+
     def forward(self, views, batch):
         if len(views) != 2:
             raise ValueError(f"PixPro takes exactly 2 views, the recipe gives {len(views)}")
@@ -213,9 +224,7 @@ class PixPro(Method):
         cfg = self.cfg
         f1, f2 = self._c5(self.backbone, views)
         x1, x2 = forward_by_resolution(self.projector, [f1, f2])
-        flips = batch.get("flip") or [None, None]
-        mask = pixpro_positive_mask(batch["box"][0], flips[0], batch["box"][1], flips[1],
-                                    tuple(f1.shape[-2:]), tuple(f2.shape[-2:]), cfg.pos_threshold)
+        mask12, mask21, stats = self.positive_masks(batch, tuple(f1.shape[-2:]), tuple(f2.shape[-2:]))
         with torch.no_grad():
             self._momentum_update()
             g1, g2 = self._c5(self.target_backbone, views)
@@ -223,17 +232,18 @@ class PixPro(Method):
                       for k in forward_by_resolution(self.target_projector, [g1, g2]))
         if cfg.mode == "pixpro":
             q1, q2 = (y.flatten(2) for y in forward_by_resolution(self.ppm, [x1, x2]))
-            dense = pixpro_loss(q1, q2, k1, k2, mask)
+            dense = pixpro_loss(q1, q2, k1, k2, mask12, mask21)
         else:
             q1, q2 = (F.normalize(x.float(), dim=1).flatten(2) for x in (x1, x2))
-            dense = 0.5 * (pixcontrast_loss(q1, k2, mask, cfg.tau, cfg.pixcontrast_negatives)
-                           + pixcontrast_loss(q2, k1, mask.transpose(1, 2), cfg.tau, cfg.pixcontrast_negatives))
+            dense = 0.5 * (pixcontrast_loss(q1, k2, mask12, cfg.tau, cfg.pixcontrast_negatives)
+                           + pixcontrast_loss(q2, k1, mask21, cfg.tau, cfg.pixcontrast_negatives))
         out = {
             cfg.mode: dense.detach(),
-            "positives_per_image": mask.sum((1, 2)).float().mean(),
+            "positives_per_image": mask12.sum((1, 2)).float().mean(),
             # collapse statistic: per-dimension std of the normalised target pixels (~1/sqrt(d) healthy)
             "z_std": k1.transpose(1, 2).reshape(-1, k1.shape[1]).std(dim=0).mean(),
             "features": f1.mean(dim=(2, 3)).detach(),
+            **{k: v.detach() for k, v in stats.items()},
         }
         loss = dense
         if self.use_instance:

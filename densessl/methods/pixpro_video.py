@@ -30,13 +30,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from densessl.data.geometry import DISTANCE_UNITS, flow_positive_mask
 from densessl.methods import register
-from densessl.methods.base import forward_by_resolution
-from densessl.methods.pixpro import (PixPro, PixProConfig, instance_regression, pixcontrast_loss,
-                                     pixel_consistency)
+from densessl.methods.pixpro import PixPro, PixProConfig
 
 
 @dataclass
@@ -128,49 +125,11 @@ class PixProVideo(PixPro):
     def positive_masks(self, batch, grid1, grid2):
         cfg = self.cfg
         with torch.no_grad():
-            return video_positive_masks(batch, grid1, grid2, cfg.pos_threshold, cfg.distance_units, cfg.flow_mask,
-                                        cfg.flow_alpha1, cfg.flow_alpha2, cfg.flow_mask_units)
-
-    def forward(self, views, batch):
-        if len(views) != 2:
-            raise ValueError(f"PixPro (video) takes exactly 2 views, the recipe gives {len(views)}")
-        if "box" not in batch:
-            raise ValueError("PixPro (video) needs the views' geometry: batch['box'] (and batch['flip']), one per view")
-        cfg = self.cfg
-        f1, f2 = self._c5(self.backbone, views)
-        x1, x2 = forward_by_resolution(self.projector, [f1, f2])
-        mask12, mask21, stats = self.positive_masks(batch, tuple(f1.shape[-2:]), tuple(f2.shape[-2:]))
-        with torch.no_grad():
-            self._momentum_update()
-            g1, g2 = self._c5(self.target_backbone, views)
-            k1, k2 = (F.normalize(k.float(), dim=1).flatten(2)
-                      for k in forward_by_resolution(self.target_projector, [g1, g2]))
-        if cfg.mode == "pixpro":
-            q1, q2 = (y.flatten(2) for y in forward_by_resolution(self.ppm, [x1, x2]))
-            dense = pixel_consistency(q1, k2, mask12) + pixel_consistency(q2, k1, mask21)
-        else:
-            q1, q2 = (F.normalize(x.float(), dim=1).flatten(2) for x in (x1, x2))
-            dense = 0.5 * (pixcontrast_loss(q1, k2, mask12, cfg.tau, cfg.pixcontrast_negatives)
-                           + pixcontrast_loss(q2, k1, mask21, cfg.tau, cfg.pixcontrast_negatives))
-        out = {
-            cfg.mode: dense.detach(),
-            "positives_per_image": mask12.sum((1, 2)).float().mean(),
-            "positives_per_image_back": mask21.sum((1, 2)).float().mean(),
-            "z_std": k1.transpose(1, 2).reshape(-1, k1.shape[1]).std(dim=0).mean(),
-            "features": f1.mean(dim=(2, 3)).detach(),
-            **{k: v.detach() for k, v in stats.items()},
-        }
-        loss = dense
-        if self.use_instance:
-            y1, y2 = forward_by_resolution(self.projector_instance, [f1, f2])
-            p1, p2 = (p.mean(dim=(2, 3)) for p in forward_by_resolution(self.predictor, [y1, y2]))
-            with torch.no_grad():
-                z1, z2 = (z.mean(dim=(2, 3)) for z in forward_by_resolution(self.target_projector_instance, [g1, g2]))
-            ins = instance_regression(p1, z2) + instance_regression(p2, z1)
-            loss = loss + cfg.ins_loss_weight * ins
-            out["instance"] = ins.detach()
-        out["loss"] = loss
-        return out
+            mask12, mask21, stats = video_positive_masks(batch, grid1, grid2, cfg.pos_threshold, cfg.distance_units,
+                                                         cfg.flow_mask, cfg.flow_alpha1, cfg.flow_alpha2,
+                                                         cfg.flow_mask_units)
+        stats["positives_per_image_back"] = mask21.sum((1, 2)).float().mean()
+        return mask12, mask21, stats
 
     # ------------------------------------------------------------------ data hooks
 
