@@ -7,10 +7,12 @@ import sys
 
 def cmd_pretrain(args) -> int:
     from densessl.config import build_config
+    from densessl.engine.distributed import shutdown_distributed
     from densessl.engine.trainer import Trainer
 
     cfg = build_config(args.recipe, args.overrides)
     result = Trainer(cfg).fit()
+    shutdown_distributed()  # on success only: a failing rank must not wait at a barrier
     print(f"done: step {result['step']}, checkpoint {result['checkpoint']}")
     return 0
 

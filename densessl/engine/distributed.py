@@ -133,3 +133,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         dist.all_reduce(t)
     return t
+
+
+def shutdown_distributed() -> None:
+    """Barrier, then destroy the process group: tearing gloo down while a peer still talks
+    aborts the process ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()

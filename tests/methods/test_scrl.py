@@ -203,6 +203,7 @@ assert torch.allclose(g, t / 2), "gradients differ across ranks"
 assert (g.abs().sum() > 0) == (sys.argv[2] == "one")
 assert all(torch.isfinite(b).all() for b in m.buffers()), "BN running statistics became non-finite"
 print("ok", info.rank)
+dist.barrier()  # both ranks done communicating before gloo tears down
 dist.destroy_process_group()
 '''
 
