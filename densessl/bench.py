@@ -48,7 +48,7 @@ def interleaved(contenders: dict, rounds: int, batch: int, warmup: int = 2) -> l
 
 
 def densessl_byol_step(backbone: str, width, size: int, batch: int, precision: str, channels_last: bool):
-    from densessl.config import OptimConfig  # noqa: F401  (LARS below, as the recipes use)
+    from densessl.config import OptimConfig
     from densessl.engine.optim import build_optimizer
     from densessl.methods.byol import BYOL, BYOLConfig
     from densessl.models.backbones import build_backbone
@@ -57,7 +57,7 @@ def densessl_byol_step(backbone: str, width, size: int, batch: int, precision: s
     method = BYOL(BYOLConfig(proj_hidden_dim=4096, proj_dim=256, pred_hidden_dim=4096), build_backbone(backbone, width))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     method = method.to(memory_format=fmt)
-    opt = build_optimizer(OptimConfig(name="lars", weight_decay=1e-6), [method], lr=0.5)
+    opt = build_optimizer(OptimConfig(name="lars", weight_decay=1e-6), [method], lr=0.5)  # as the recipes
     views = [torch.randn(batch, 3, size, size).contiguous(memory_format=fmt) for _ in range(2)]
     dtype = torch.bfloat16 if precision == "bf16" else None
     step = [0]

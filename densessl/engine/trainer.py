@@ -103,8 +103,10 @@ class Trainer:
         self.method = build_method(cfg.method, backbone)
         sample = self.dataset[0]
         probe = None
-        if t.online_probe and ("labels" in sample or "label" in sample):
-            n_classes = sample["labels"].numel() if "labels" in sample else len(getattr(self.dataset, "classes", [])) or 10
+        # the probe's class count comes from the data: multi-hot width, or the dataset's classes
+        n_classes = (sample["labels"].numel() if "labels" in sample
+                     else len(getattr(self.dataset, "classes", ())) if "label" in sample else 0)
+        if t.online_probe and n_classes > 0:
             probe = nn.Linear(backbone.out_dim, n_classes)
         self.step_module = TrainStep(self.method, probe)
         device = self.dist.device

@@ -120,3 +120,18 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     for k in w1:
         if w1[k].is_floating_point():
             assert torch.allclose(w1[k], w2[k], rtol=1e-3, atol=2e-4), k  # BN biases are ~1e-2
+
+
+def test_online_probe_takes_its_classes_from_a_labelled_image_folder(tmp_path):
+    from PIL import Image
+
+    for c in ("ant", "bee", "cat"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (40, 40), (40 * i, 80, 120)).save(tmp_path / "imgs" / c / f"{i}.png")
+    overrides = [o for o in TINY if not o.startswith("data.num_scenes")] + [
+        "data.dataset=imagefolder", f"data.root={tmp_path / 'imgs'}", f"run_dir={tmp_path / 'run'}",
+        "train.epochs=1"]
+    trainer = Trainer(build_config("byol-scenes", overrides))
+    assert trainer.step_module.probe.out_features == 3
+    assert trainer.fit()["step"] == 1  # 18 images // batch 16
