@@ -63,13 +63,11 @@ def plot_report(run_dir: Path, results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    records = [r for r in records if "loss" in r]
+    from densessl.engine.trainer import draw_losses, read_losses
+
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    a.plot([r["step"] for r in records], [r["loss"] for r in records])
-    a.set_title("BYOL loss")
-    a.set_xlabel("step")
-    a.grid(alpha=0.3)
+    draw_losses(a, read_losses(run_dir / "metrics.jsonl"))
+    a.set_title("BYOL training")
     width = 0.38
     for i, (name, res) in enumerate(results.items()):
         vals = [100 * res[p][k] for p, k, _ in METRICS]

@@ -80,6 +80,24 @@ def _coords(size: int) -> tuple[np.ndarray, np.ndarray]:
     return c[None, :].repeat(size, 0), c[:, None].repeat(size, 1)  # xx, yy in pixels
 
 
+STYLES = ("textured", "uniform", "plain")
+
+
+def make_styled_background(rng: np.random.Generator, size: int, style: str) -> np.ndarray:
+    """The background of a scene of ``style``: ``textured`` (gradient, blobs, texture, noise),
+    ``uniform`` (one random colour plus mild noise) or ``plain`` (black)."""
+    if style == "textured":
+        return make_background(rng, size)
+    if style == "uniform":
+        bg = np.empty((size, size, 3), np.float32)
+        bg[:] = rng.uniform(0.0, 1.0, 3).astype(np.float32)
+        bg += 0.015 * rng.standard_normal((size, size, 1), dtype=np.float32)
+        return np.clip(bg, 0.0, 1.0, out=bg)
+    if style == "plain":
+        return np.zeros((size, size, 3), np.float32)
+    raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+
+
 def make_background(rng: np.random.Generator, size: int) -> np.ndarray:
     """A varied float32 (size, size, 3) background in [0, 1]."""
     xx, yy = _coords(size)
@@ -150,7 +168,10 @@ class _FashionCanvas(Dataset):
 
     _kind = 0  # stream tag, so scenes and single items never share random numbers
 
-    def __init__(self, split: str, num: int, size: int, seed: int, root) -> None:
+    def __init__(self, split: str, num: int, size: int, seed: int, root, style: str = "textured") -> None:
+        if style not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+        self.style = style
         self.split_id = _check_split(split)
         self.split = split
         if int(num) < 0:
@@ -199,6 +220,12 @@ class _FashionCanvas(Dataset):
 
     def _rng(self, i: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.split_id, i, self._kind])
+
+    def _colour(self, rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
+        """The item's tint: one that stands out from ``under``, or white in the plain style."""
+        if self.style == "plain":
+            return np.ones(3, np.float32)
+        return _pick_colour(rng, under)
 
     def _alpha(self, item: int, side: int) -> np.ndarray:
         """Item intensity resized (bilinear) to side x side, float32 in [0, 1]."""
@@ -252,8 +279,9 @@ class FashionScenes(_FashionCanvas):
         *,
         item_scale: tuple[float, float] = (0.35, 0.6),
         min_visible: float = 0.5,
+        style: str = "textured",
     ) -> None:
-        super().__init__(split, num_scenes, size, seed, root)
+        super().__init__(split, num_scenes, size, seed, root, style)
         if not 1 <= int(min_items) <= int(max_items):
             raise ValueError(
                 f"need 1 <= min_items <= max_items, got min_items={min_items}, max_items={max_items}"
@@ -276,7 +304,7 @@ class FashionScenes(_FashionCanvas):
         i = self._index(i)
         rng = self._rng(i)
         S = self.size
-        canvas = make_background(rng, S)
+        canvas = make_styled_background(rng, S, self.style)
         min_side = max(4, int(round(0.2 * S)))
         vis: list[np.ndarray] = []  # visible masks, full canvas
         full: list[np.ndarray] = []  # masks as pasted, before later items covered them
@@ -323,7 +351,7 @@ class FashionScenes(_FashionCanvas):
             vis_counts.append(count)
             full_counts.append(count)
             ids.append(item)
-            colour = _pick_colour(rng, canvas[y : y + side, x : x + side])
+            colour = self._colour(rng, canvas[y : y + side, x : x + side])
             self._paste(canvas, alpha, colour, y, x)
         image = np.clip(canvas * 255.0 + 0.5, 0, 255).astype(np.uint8)
         ids_arr = np.asarray(ids, np.int64)
@@ -384,8 +412,9 @@ class FashionItems(_FashionCanvas):
         *,
         item_scale: tuple[float, float] = (0.6, 0.85),
         jitter: float = 0.1,
+        style: str = "textured",
     ) -> None:
-        super().__init__(split, 0 if num_samples is None else num_samples, size, seed, root)
+        super().__init__(split, 0 if num_samples is None else num_samples, size, seed, root, style)
         if num_samples is None:
             self.num = len(self.pool)
         lo, hi = float(item_scale[0]), float(item_scale[1])
@@ -402,14 +431,14 @@ class FashionItems(_FashionCanvas):
         item = int(self.pool[i % len(self.pool)])
         rng = self._rng(i)
         S = self.size
-        canvas = make_background(rng, S)
+        canvas = make_styled_background(rng, S, self.style)
         side = min(S, max(4, int(round(rng.uniform(*self.item_scale) * S))))
         free = S - side
         jit = self.jitter * S
         y = int(np.clip(round(free / 2 + rng.uniform(-jit, jit)), 0, free))
         x = int(np.clip(round(free / 2 + rng.uniform(-jit, jit)), 0, free))
         alpha = self._alpha(item, side)
-        colour = _pick_colour(rng, canvas[y : y + side, x : x + side])
+        colour = self._colour(rng, canvas[y : y + side, x : x + side])
         self._paste(canvas, alpha, colour, y, x)
         return {
             "image": self._to_image(canvas),

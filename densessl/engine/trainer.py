@@ -230,6 +230,8 @@ class Trainer:
         n_sum = 0
         t_log, step_log = time.perf_counter(), self.step
         bar = self._progress()
+        if t.knn_every and self.step == 0:
+            self._knn_monitor()  # the untrained backbone: the reference the run must beat
         self.model.train()
         while self.step < self.total_steps:
             epoch, start = divmod(self.step, self.steps_per_epoch)
@@ -378,18 +380,14 @@ def _flatten(d, prefix=""):
     return out
 
 
-def plot_losses(metrics_path: Path, out_path: Path) -> None:
-    """A loss-curve PNG from metrics.jsonl (loss and, when present, the probe loss)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def read_losses(metrics_path: Path) -> list[dict]:
+    """The training-step records (those with a loss) of a metrics.jsonl."""
     records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    records = [r for r in records if "loss" in r]
-    if not records:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    return [r for r in records if "loss" in r]
+
+
+def draw_losses(ax, records: list[dict]) -> None:
+    """The loss (and, when logged, the online probe's loss) against the step, on `ax`."""
     steps = [r["step"] for r in records]
     ax.plot(steps, [r["loss"] for r in records], label="loss")
     if "probe_loss" in records[0]:
@@ -398,6 +396,20 @@ def plot_losses(metrics_path: Path, out_path: Path) -> None:
     ax.set_ylabel("loss")
     ax.legend()
     ax.grid(alpha=0.3)
+
+
+def plot_losses(metrics_path: Path, out_path: Path) -> None:
+    """A loss-curve PNG from metrics.jsonl (loss and, when present, the probe loss)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_losses(metrics_path)
+    if not records:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    draw_losses(ax, records)
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)

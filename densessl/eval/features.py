@@ -76,3 +76,32 @@ def extract_features(backbone: nn.Module, dataset: Dataset, batch_size: int = 25
         raise ValueError("extract_features: the dataset is empty")
     feats = torch.cat(features)
     return feats, (torch.cat(targets) if target_key is not None else None)
+
+
+@torch.no_grad()
+def recompute_bn_stats(backbone: nn.Module, dataset: Dataset, batch_size: int = 128, device="cpu") -> None:
+    """Replace every BatchNorm's running statistics by those of its input on `dataset`'s images
+    (the average over batches of each batch's mean and unbiased variance), weights unchanged.
+
+    For a random-init backbone, whose stored statistics (mean 0, variance 1) leave it
+    un-normalised in eval mode, this gives it the data-derived normalisation that every trained
+    backbone carries. BN runs in train mode with `momentum=None` (PyTorch's cumulative average);
+    the backbone's modes and momenta are restored afterwards.
+    """
+    bns = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = {m: m.training for m in backbone.modules()}
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    backbone.train()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                        collate_fn=_KeepImageAndTarget(None))
+    try:
+        for images, _ in loader:
+            backbone.pool(normalize(images.to(device)))
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        for m, was in modes.items():
+            m.train(was)

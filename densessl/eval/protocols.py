@@ -15,7 +15,7 @@ import torch
 
 from densessl.config import DataConfig, ModelConfig, apply_overrides, from_dict, to_dict
 from densessl.data.build import build_dataset
-from densessl.eval.features import extract_features
+from densessl.eval.features import extract_features, recompute_bn_stats
 from densessl.eval.knn import knn_accuracy
 from densessl.eval.linear import train_linear_probe
 from densessl.models.backbones import build_backbone
@@ -36,6 +36,10 @@ class EvalConfig:
     batch_size: int = 256
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 feature extraction
+    # stored: BN running statistics as in the checkpoint (a random-init backbone: mean 0, var 1,
+    # i.e. un-normalised); data: recomputed on `bn_scenes` training scenes first, weights unchanged
+    bn_stats: str = "stored"
+    bn_scenes: int = 1024
     device: str = "auto"
     out: str | None = None  # metrics.json path (default: next to the checkpoint)
 
@@ -119,6 +123,12 @@ def evaluate(spec: str, protocols: list[str], cfg: EvalConfig) -> dict:
     """Run protocols on one backbone; returns {"backbone": ..., protocol: metrics, ...}."""
     backbone, desc = load_eval_backbone(spec, cfg)
     cache = FeatureCache(backbone, cfg)
+    if cfg.bn_stats == "data":
+        scenes = build_dataset(cfg.data, split="train", num=cfg.bn_scenes, with_masks=False)
+        recompute_bn_stats(cache.backbone, scenes, device=cache.device)
+        desc += f", BN statistics recomputed on {len(scenes)} training scenes"
+    elif cfg.bn_stats != "stored":
+        raise ValueError(f"bn_stats must be 'stored' or 'data', got {cfg.bn_stats!r}")
     result = {"backbone": desc, "model": asdict(cfg.model), "seed": cfg.seed}
     for p in protocols:
         t0 = time.perf_counter()

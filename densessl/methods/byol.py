@@ -27,6 +27,7 @@ class BYOLConfig:
     proj_dim: int = 256
     pred_hidden_dim: int = 4096
     momentum_base: float = 0.99
+    momentum_end: float = 1.0  # cosine from momentum_base to this (1.0: the paper); short runs: < 1
 
 
 def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -69,6 +70,6 @@ class BYOL(Method):
     @torch.no_grad()
     def after_step(self, step, total_steps):
         # m(k) with k = index of the step just taken (SCRL's placement: after optimizer.step)
-        self.momentum = cosine_momentum(step, total_steps, self.cfg.momentum_base)
+        self.momentum = cosine_momentum(step, total_steps, self.cfg.momentum_base, self.cfg.momentum_end)
         ema_update_(self.target_backbone, self.backbone, self.momentum)
         ema_update_(self.target_projector, self.projector, self.momentum)

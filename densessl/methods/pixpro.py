@@ -52,6 +52,7 @@ class PixProConfig:
     proj_dim: int = 256
     pred_hidden_dim: int = 4096  # instance branch's predictor
     momentum_base: float = 0.99
+    momentum_end: float = 1.0  # cosine from momentum_base to this (1.0: the paper); short runs: < 1
     pos_threshold: float = 0.7  # positives: centre distance / max cell diagonal < this
     ppm_gamma: float = 2.0  # similarity sharpness (script: --pixpro-p 2; the CLI default 1 is not used)
     ppm_transform_layers: int = 1  # value transform g: 0 identity | 1 conv1x1 | 2 two-layer MLP
@@ -200,7 +201,7 @@ class PixPro(Method):
         if not self.training or self._ema_step == self.current_step:
             return
         self._ema_step = self.current_step
-        self.momentum = cosine_momentum(self.current_step, self.total_steps, self.cfg.momentum_base)
+        self.momentum = cosine_momentum(self.current_step, self.total_steps, self.cfg.momentum_base, self.cfg.momentum_end)
         pairs = [(self.target_backbone, self.backbone), (self.target_projector, self.projector)]
         if self.use_instance:
             pairs.append((self.target_projector_instance, self.projector_instance))

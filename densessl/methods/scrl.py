@@ -49,6 +49,7 @@ class SCRLConfig:
     proj_dim: int = 256
     pred_hidden_dim: int = 4096
     momentum_base: float = 0.97  # 200-epoch config; 0.996 for 1000 epochs
+    momentum_end: float = 1.0  # cosine from momentum_base to this (1.0: the paper); short runs: < 1
     num_boxes: int = 10  # box pairs per sample with a large enough crop intersection
     min_size: int = 32  # minimum box side, in pixels of the less-zoomed view
     iou_threshold: float = 0.5  # a new box must overlap every kept box of its sample less than this
@@ -206,6 +207,6 @@ class SCRL(Method):
 
     @torch.no_grad()
     def after_step(self, step, total_steps):
-        self.momentum = cosine_momentum(step, total_steps, self.cfg.momentum_base)
+        self.momentum = cosine_momentum(step, total_steps, self.cfg.momentum_base, self.cfg.momentum_end)
         ema_update_(self.target_backbone, self.backbone, self.momentum)
         ema_update_(self.target_projector, self.projector, self.momentum)

@@ -188,3 +188,26 @@ def test_fashion_items():
     val_items = {va.item_id(i) for i in range(200)}
     assert val_items <= set(pools["val"].tolist())
     assert not val_items & {tr.item_id(i) for i in range(2000)}
+
+
+def test_styles_plain_and_uniform():
+    """plain: black background, untinted (grey) items; uniform: one colour plus mild noise."""
+    plain = FashionScenes("train", 4, 32, with_masks=True, style="plain")
+    for i in range(4):
+        s = plain[i]
+        img, fg = s["image"].int(), s["semantic"] > 0
+        # outside the masks: black, or an item's faint rim (intensity < MASK_THRESHOLD)
+        assert img[:, ~fg].max() <= 60 and (img[:, ~fg] == 0).float().mean() > 0.5
+        assert (img[0] == img[1]).all() and (img[1] == img[2]).all()  # grey everywhere
+        assert img[:, fg].float().mean() > 100  # items bright
+    uniform = FashionScenes("train", 4, 32, with_masks=True, style="uniform")
+    for i in range(4):
+        s = uniform[i]
+        bg = s["image"].float()[:, s["semantic"] == 0]
+        assert bg.std(1).max() < 8  # 0.015 noise ~ 4 grey levels; a gradient would be far larger
+    textured = FashionScenes("train", 4, 32, with_masks=True)
+    assert max(textured[i]["image"].float()[:, textured[i]["semantic"] == 0].std(1).max() for i in range(4)) > 8
+    items = FashionItems("train", 3, 32, style="plain")
+    assert all(items[i]["image"].float().mean() < 128 for i in range(3))
+    with pytest.raises(ValueError, match="style must be one of"):
+        FashionScenes("train", 1, 32, style="flat")

@@ -38,6 +38,28 @@ def test_short_run_writes_checkpoint_config_metrics_and_plot(tiny_overrides, tmp
     assert not torch.equal(ckpt["method"]["backbone.conv1.weight"], ckpt["method"]["target_backbone.conv1.weight"])
 
 
+def test_knn_monitor_logs_the_untrained_backbone_at_step_0(tiny_overrides, tmp_path):
+    """knn_every: a record at step 0 (the random-init reference), every knn_every steps and at the
+    end; the step-0 value is the kNN of the freshly built backbone, computed independently."""
+    from densessl.data.build import build_dataset
+    from densessl.eval.features import extract_features
+    from densessl.eval.knn import knn_accuracy
+
+    cfg = build_config("byol-scenes", tiny_overrides + ["train.knn_every=3"])
+    trainer = Trainer(cfg)
+    fresh = {k: v.clone() for k, v in trainer.method.backbone.state_dict().items()}
+    trainer.fit()
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    knn = {r["step"]: r["knn_top1"] for r in recs if "knn_top1" in r}
+    assert sorted(knn) == [0, 3, 6, 8]
+
+    trainer.method.backbone.load_state_dict(fresh)
+    feats = [extract_features(trainer.method.backbone, build_dataset(cfg.data, split=s, single_item=True, num=n),
+                              target_key="label") for s, n in (("train", 2000), ("val", 1000))]
+    assert knn[0] == pytest.approx(knn_accuracy(*feats[0], *feats[1], num_classes=10), abs=2e-3)
+    assert knn[8] != knn[0]
+
+
 def test_rerun_of_finished_run_resumes_and_does_nothing(tiny_overrides, tmp_path):
     cfg = build_config("byol-scenes", tiny_overrides)
     Trainer(cfg).fit()

@@ -66,3 +66,25 @@ def test_missing_target_key_is_a_clear_error():
         extract_features(_backbone(), _Toy(4, multilabel=False), batch_size=2)
     feats, targets = extract_features(_backbone(), _Toy(4, multilabel=False), batch_size=2, target_key=None)
     assert feats.shape[0] == 4 and targets is None
+
+
+def test_recompute_bn_stats_gives_the_data_statistics_and_keeps_weights():
+    from densessl.data.augment import normalize
+    from densessl.eval.features import recompute_bn_stats
+    from densessl.models.backbones import build_backbone
+
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18_small", 8).eval()
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    dataset = [{"image": im} for im in images]
+    weights = {k: v.clone() for k, v in backbone.state_dict().items() if "running" not in k and "num_batches" not in k}
+    assert torch.equal(backbone.bn1.running_mean, torch.zeros(8))  # as initialised: un-normalised
+
+    recompute_bn_stats(backbone, dataset, batch_size=6)  # one batch: the statistics are exact
+    with torch.no_grad():
+        x = backbone.conv1(normalize(images))
+    torch.testing.assert_close(backbone.bn1.running_mean, x.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(backbone.bn1.running_var, x.var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-5)
+    assert not backbone.training and backbone.bn1.momentum == 0.1  # mode and momentum restored
+    for k, v in weights.items():
+        assert torch.equal(backbone.state_dict()[k], v), k

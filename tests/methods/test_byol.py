@@ -50,6 +50,9 @@ def test_cosine_momentum_schedule():
     assert cosine_momentum(0, 100, 0.99) == 0.99
     assert cosine_momentum(100, 100, 0.99) == 1.0
     assert math.isclose(cosine_momentum(50, 100, 0.99), 0.995)
+    # momentum_end < 1 (short runs): from base to that value
+    assert math.isclose(cosine_momentum(100, 100, 0.99, 0.995), 0.995)
+    assert math.isclose(cosine_momentum(50, 100, 0.99, 0.99), 0.99)
 
 
 def test_byol_target_gets_no_gradient_and_ema_runs_after_step():
@@ -69,4 +72,16 @@ def test_byol_target_gets_no_gradient_and_ema_runs_after_step():
         m.backbone.conv1.weight.add_(1.0)
     old = m.target_backbone.conv1.weight.clone()
     m.after_step(0, 10)
+    assert torch.allclose(m.target_backbone.conv1.weight, 0.5 * old + 0.5 * m.backbone.conv1.weight)
+
+
+def test_byol_momentum_end_is_wired():
+    """momentum_end=0.5: at the last step the target still moves half-way (the default, 1, freezes it)."""
+    cfg = BYOLConfig(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32, momentum_base=0.5, momentum_end=0.5)
+    m = BYOL(cfg, build_backbone("resnet18_small", 8))
+    with torch.no_grad():
+        m.backbone.conv1.weight.add_(1.0)
+    old = m.target_backbone.conv1.weight.clone()
+    m.after_step(10, 10)
+    assert m.momentum == 0.5
     assert torch.allclose(m.target_backbone.conv1.weight, 0.5 * old + 0.5 * m.backbone.conv1.weight)

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Every method's small Fashion-Scenes recipe at one budget, then the same frozen-feature
+# evaluation for each checkpoint and for the random-init backbone (as initialised, and with BN
+# statistics recomputed on training scenes: the same untrained weights, data-derived
+# normalisation like every pretrained backbone carries).
+#
+# Per method: densessl pretrain <method>-scenes train.epochs=$EPOCHS train.knn_every=$KNN_EVERY
+# (kNN monitor on 2000/1000 items, step 0 included), then kNN (k=20, T=0.07), linear top-1
+# and multi-label mAP exactly as `densessl eval` (5000 train / 2000 val; 100-epoch probes).
+# A finished run (its last.pt at the final step) is not retrained.
+#
+# Environment (defaults in brackets): METHODS [byol moco densecl pixpro scrl cgh swav ssprl gaelle],
+# EPOCHS [3], KNN_EVERY [156], OUT [runs/methods-scenes], PY [.venv/bin/python], EXTRA (more
+# pretraining overrides for every method).
+#   bash benchmarks/methods_scenes.sh > results.tsv
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-runs/methods-scenes}
+EPOCHS=${EPOCHS:-3}
+KNN_EVERY=${KNN_EVERY:-156}
+METHODS=${METHODS:-"byol moco densecl pixpro scrl cgh swav ssprl gaelle"}
+EXTRA=${EXTRA:-}
+mkdir -p "$OUT"
+
+for m in $METHODS; do
+  run="$OUT/$m"
+  if [ -f "$run/done" ]; then echo "== $m: finished run found, not retrained" >&2; continue; fi
+  echo "== pretraining $m -> $run ($(date +%T))" >&2
+  start=$(date +%s)
+  # shellcheck disable=SC2086
+  "$PY" -m densessl.cli pretrain "$m-scenes" train.epochs="$EPOCHS" train.knn_every="$KNN_EVERY" \
+    train.progress=false run_dir="$run" $EXTRA > "$run.pretrain.log" 2>&1 \
+    || { echo "pretraining $m failed; see $run.pretrain.log" >&2; exit 1; }
+  echo $(( $(date +%s) - start )) > "$run/done"
+done
+
+OUT="$OUT" METHODS="$METHODS" "$PY" - <<'PYEOF'
+"""Evaluate every run and the random-init baseline with the protocols of `densessl eval`."""
+import json
+import os
+import sys
+from pathlib import Path
+
+from densessl.eval.protocols import eval_config, evaluate
+
+out = Path(os.environ["OUT"])
+COLLAPSE = ("usage_entropy", "z_std", "pos_sim")  # the first one a method logs is shown
+
+
+def train_stats(run: Path) -> dict:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    losses = [r for r in recs if "loss" in r]
+    knn = [(r["step"], r["knn_top1"]) for r in recs if "knn_top1" in r]
+    key = next((k for k in COLLAPSE if k in losses[-1]), None)
+    return {"first_loss": losses[0]["loss"], "last_loss": losses[-1]["loss"], "steps": losses[-1]["step"],
+            "collapse_key": key, "collapse_first": losses[0].get(key), "collapse_last": losses[-1].get(key),
+            "knn_monitor": knn, "pretrain_s": int((run / "done").read_text())}
+
+
+rows = [("random init (BN as initialised)", "random", []),
+        ("random init (BN statistics from scenes)", "random", ["bn_stats=data"])]
+rows += [(m, str(out / m / "checkpoints" / "last.pt"), []) for m in os.environ["METHODS"].split()]
+print("backbone\tkNN\tlinear\tmAP\tloss first->last\tcollapse stat first->last\tkNN monitor\tpretrain min")
+for name, spec, extra in rows:
+    print(f"== evaluating {name}", file=sys.stderr)
+    res = evaluate(spec, ["knn", "linear", "multilabel"], eval_config(extra))
+    tag = name.split()[0] if spec != "random" else ("random-bn-data" if extra else "random")
+    (out / f"eval-{tag}.json").write_text(json.dumps(res, indent=1, default=str))
+    cols = [f"{100 * res['knn']['knn_top1']:.1f}", f"{100 * res['linear']['linear_top1']:.1f}",
+            f"{100 * res['multilabel']['multilabel_mAP']:.1f}"]
+    if spec == "random":
+        cols += ["-", "-", "-", "-"]
+    else:
+        s = train_stats(out / name)
+        col = (f"{s['collapse_key']} {s['collapse_first']:.3f}->{s['collapse_last']:.3f}"
+               if s["collapse_key"] else "-")
+        cols += [f"{s['first_loss']:.3f}->{s['last_loss']:.3f}", col,
+                 " ".join(f"{100 * v:.1f}" for _, v in s["knn_monitor"]), f"{s['pretrain_s'] / 60:.1f}"]
+    print("\t".join([name] + cols), flush=True)
+PYEOF
