@@ -24,5 +24,4 @@ def ema_update_(target: nn.Module, online: nn.Module, momentum: float) -> None:
     """
     t_params = list(target.parameters())
     o_params = list(online.parameters())
-    torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, o_params, alpha=1.0 - momentum)
+    torch._foreach_lerp_(t_params, o_params, 1.0 - momentum)  # one pass: t + (1 - m) (o - t)

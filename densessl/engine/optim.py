@@ -27,6 +27,11 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update with multi-tensor (foreach) kernels.
+
+        The gradients are consumed: weight decay and the trust ratio are applied to `p.grad`
+        in place (no copies of every gradient; the trainer clears them before the next step).
+        """
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -35,21 +40,21 @@ class LARS(torch.optim.Optimizer):
             grads = [p.grad for p in params]
             wd = group["weight_decay"]
             if wd != 0:
-                grads = torch._foreach_add(grads, params, alpha=wd)
+                torch._foreach_add_(grads, params, alpha=wd)
             if not group["lars_exclude"]:
                 p_norm = torch.stack(torch._foreach_norm(params))
                 u_norm = torch.stack(torch._foreach_norm(grads))
                 trust = torch.where((p_norm > 0) & (u_norm > 0), group["eta"] * p_norm / u_norm, torch.ones_like(p_norm))
-                grads = torch._foreach_mul(grads, list(trust.unbind()))
-            bufs = []
-            for p, g in zip(params, grads):
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.clone(g).detach()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(g)
-                bufs.append(state["momentum_buffer"])
-            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+                torch._foreach_mul_(grads, list(trust.unbind()))
+            states = [self.state[p] for p in params]
+            if any("momentum_buffer" not in st for st in states):  # first step: v = u
+                for st, g in zip(states, grads):
+                    st["momentum_buffer"] = torch.clone(g).detach()
+            else:
+                bufs = [st["momentum_buffer"] for st in states]
+                torch._foreach_mul_(bufs, group["momentum"])
+                torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, [st["momentum_buffer"] for st in states], alpha=-group["lr"])
         return loss
 
 
