@@ -67,7 +67,6 @@ class DataConfig:
     num_workers: int = 2
     on_error: str = "raise"  # imagefolder: raise | skip unreadable images
     style: str = "textured"  # fashion_scenes backgrounds and tints: textured | uniform | plain
-    item_scale: Optional[tuple[float, float]] = None  # fashion_scenes item side / canvas (None: default)
 
 
 @dataclass

@@ -22,9 +22,8 @@ def build_dataset(data_cfg, split: str = "train", with_masks: bool = False, sing
         if single_item:
             return FashionItems(split=split, num_samples=n, size=data_cfg.size, seed=data_cfg.seed,
                                 root=data_cfg.root, style=data_cfg.style)
-        extra = {} if data_cfg.item_scale is None else {"item_scale": tuple(data_cfg.item_scale)}
         return FashionScenes(split=split, num_scenes=n, size=data_cfg.size, seed=data_cfg.seed,
-                             root=data_cfg.root, with_masks=with_masks, style=data_cfg.style, **extra)
+                             root=data_cfg.root, with_masks=with_masks, style=data_cfg.style)
     if data_cfg.dataset == "imagefolder":
         from densessl.data.imagefolder import ImageFolder
 

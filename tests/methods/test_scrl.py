@@ -225,3 +225,15 @@ def test_ddp_rank_without_boxes_does_not_hang(bn, without, tmp_path):
     res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("ok") == 2
+
+
+def test_scrl_momentum_end_is_wired():
+    """momentum_end=0.5: at the last step the target still moves half-way (the default, 1, freezes it)."""
+    m = SCRL(SCRLConfig(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32, momentum_base=0.5, momentum_end=0.5),
+             build_backbone("resnet18_small", 8))
+    with torch.no_grad():
+        m.backbone.conv1.weight.add_(1.0)
+    old = m.target_backbone.conv1.weight.clone()
+    m.after_step(10, 10)
+    assert m.momentum == 0.5
+    assert torch.allclose(m.target_backbone.conv1.weight, 0.5 * old + 0.5 * m.backbone.conv1.weight)
