@@ -47,14 +47,20 @@ def interleaved(contenders: dict, rounds: int, batch: int, warmup: int = 2) -> l
 # ---------------------------------------------------------------- training step
 
 
-def densessl_byol_step(backbone: str, width, size: int, batch: int, precision: str, channels_last: bool):
+def densessl_byol_step(backbone: str, width, size: int, batch: int, precision: str, channels_last: bool,
+                       small_map_convs: bool = True):
     from densessl.config import OptimConfig
     from densessl.engine.optim import build_optimizer
     from densessl.methods.byol import BYOL, BYOLConfig
     from densessl.models.backbones import build_backbone
 
+    from densessl.models.small_maps import use_small_map_convs
+
     torch.manual_seed(0)
-    method = BYOL(BYOLConfig(proj_hidden_dim=4096, proj_dim=256, pred_hidden_dim=4096), build_backbone(backbone, width))
+    bb = build_backbone(backbone, width)
+    if not small_map_convs:
+        use_small_map_convs(bb, max_positions=0)
+    method = BYOL(BYOLConfig(proj_hidden_dim=4096, proj_dim=256, pred_hidden_dim=4096), bb)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     method = method.to(memory_format=fmt)
     opt = build_optimizer(OptimConfig(name="lars", weight_decay=1e-6), [method], lr=0.5)  # as the recipes
@@ -138,6 +144,9 @@ def bench_step(backbone="resnet18", width=None, size=64, batch=64, rounds=7, wit
         for cl in (False, True):
             name = f"densessl BYOL ({precision}, {'channels_last' if cl else 'contiguous'})"
             contenders[name] = densessl_byol_step(backbone, width, size, batch, precision, cl)
+    # the same best configuration with oneDNN convolutions everywhere: what the small-map GEMMs give
+    contenders["densessl BYOL (bf16, channels_last, no small-map GEMM)"] = densessl_byol_step(
+        backbone, width, size, batch, "bf16", True, small_map_convs=False)
     return interleaved(contenders, rounds, batch)
 
 
@@ -152,13 +161,19 @@ def matmul_peak(dtype=torch.float32, n=2048, reps=5) -> float:
 
 
 def byol_step_flops(backbone="resnet18", width=None, size=64, batch=64) -> float:
-    """FLOPs of one BYOL step: online forward+backward (3x forward) and target forward, 2 views."""
+    """FLOPs of one BYOL step: online forward+backward (3x forward) and target forward, 2 views.
+
+    Counted with ordinary convolutions (the conventional count, padding taps included), so the
+    figure does not change with how densessl computes small-map convolutions."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from densessl.methods.byol import BYOL, BYOLConfig
     from densessl.models.backbones import build_backbone
+    from densessl.models.small_maps import use_small_map_convs
 
-    m = BYOL(BYOLConfig(proj_hidden_dim=4096, proj_dim=256, pred_hidden_dim=4096), build_backbone(backbone, width))
+    bb = build_backbone(backbone, width)
+    use_small_map_convs(bb, max_positions=0)
+    m = BYOL(BYOLConfig(proj_hidden_dim=4096, proj_dim=256, pred_hidden_dim=4096), bb)
     views = [torch.randn(batch, 3, size, size) for _ in range(2)]
     with FlopCounterMode(display=False) as counter:
         m(views, {})["loss"].backward()

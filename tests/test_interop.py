@@ -65,7 +65,8 @@ def test_torchvision_export_loads_strictly(backbones, tmp_path, arch):
     net.load_state_dict(state, strict=True)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.allclose(net.eval()(x), b.pool(x), atol=1e-6)
+        ref = b.pool(x)  # densessl computes 2x2-map convs as GEMMs: same weights, fp32 rounding apart
+        assert torch.allclose(net.eval()(x), ref, rtol=1e-5, atol=1e-6 * ref.abs().max())
     fresh = getattr(torchvision.models, arch)()  # with a fresh classifier: exactly fc.* missing
     missing, unexpected = fresh.load_state_dict(state, strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
@@ -80,7 +81,8 @@ def test_timm_export_loads_strictly(backbones, tmp_path, arch):
     net.load_state_dict(torch.load(path, weights_only=True), strict=True)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.allclose(net.eval().forward_features(x), b(x, stages=("c5",))["c5"], atol=1e-6)
+        ref = b(x, stages=("c5",))["c5"]
+        assert torch.allclose(net.eval().forward_features(x), ref, rtol=1e-5, atol=1e-6 * ref.abs().max())
 
 
 def _detectron2_expected(arch: str) -> dict[str, tuple]:

@@ -4,7 +4,8 @@ All backbones are torchvision ResNets, so their state_dicts use torchvision's ke
 (conv1, bn1, layer1..layer4) and export without renaming. `resnet18_small` keeps spatial
 resolution on small images: a 3x3 stride-2 stem and no max-pool give an overall stride of 16
 (C5 is 4x4 on a 64-px image instead of 2x2), and `width` scales every stage's channels
-(width 32 costs about a quarter of width 64).
+(width 32 costs about a quarter of width 64). Convolutions are `SmallMapConv2d` (an nn.Conv2d
+that runs 3x3 convolutions on 2x2 maps as one matrix product on the CPU; see small_maps.py).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch
 from torch import nn
 from torchvision.models import resnet
 from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from densessl.models.small_maps import use_small_map_convs
 
 STAGES = ("c2", "c3", "c4", "c5")
 
@@ -84,4 +87,6 @@ def build_backbone(name: str, width: int | None = None) -> Backbone:
         raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(BACKBONES)}")
     if width is not None and not name.endswith("_small") and width != 64:
         raise ValueError(f"backbone {name!r} has torchvision's fixed widths; 'width' applies to *_small only")
-    return Backbone(BACKBONES[name](width), name)
+    backbone = Backbone(BACKBONES[name](width), name)
+    use_small_map_convs(backbone)  # CPU: 3x3 convs on 2x2 maps as one GEMM (same weights, same math)
+    return backbone

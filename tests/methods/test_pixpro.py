@@ -177,6 +177,21 @@ def test_ema_runs_in_forward_once_per_step_with_cosine_momentum():
     assert torch.equal(m.target_backbone.conv1.weight, before)  # no EMA outside training
 
 
+def test_momentum_end_is_wired():
+    """momentum_end=0.5 with base 0.5: every step, the last included, moves the target half-way
+    (the default end, 1, would freeze it at the last step)."""
+    m = small(momentum_base=0.5, momentum_end=0.5)
+    m.total_steps = 4
+    views = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)]
+    with torch.no_grad():
+        m.backbone.conv1.weight.add_(1.0)
+    m.current_step = 4
+    old = m.target_backbone.conv1.weight.clone()
+    m(views, batch_of(2))
+    assert m.momentum == 0.5
+    assert torch.allclose(m.target_backbone.conv1.weight, 0.5 * old + 0.5 * m.backbone.conv1.weight)
+
+
 def test_disjoint_views_give_zero_dense_loss():
     m = small()
     left, right = torch.tensor([[0.0, 0.0, 0.4, 1.0]]), torch.tensor([[0.6, 0.0, 1.0, 1.0]])
