@@ -150,6 +150,54 @@ def bench_step(backbone="resnet18", width=None, size=64, batch=64, rounds=7, wit
     return interleaved(contenders, rounds, batch)
 
 
+# Training steps of the recipes' methods, through Trainer.train_step on one fixed loader batch
+# (view generation is measured separately). "small": the Fashion-Scenes recipe (resnet18_small,
+# 64 px); "paper": the paper-scale recipe (ResNet-50, 224 px crops; SwAV adds 6 x 96 px) with
+# Fashion-Scenes drawn at 224 px as the images and a CPU-sized batch.
+STEP_METHODS = ("byol", "swav", "pixpro", "scrl")
+STEP_SCALES = {"small": "{}-scenes", "paper": "{}-imagenet"}
+
+
+def recipe_step(method: str, scale: str, batch: int, precision: str, channels_last: bool, small_map_convs: bool):
+    """A closure running one `Trainer.train_step` of `method`'s recipe at `scale`."""
+    import tempfile
+
+    from densessl.config import build_config
+    from densessl.engine.trainer import Trainer
+    from densessl.models.small_maps import use_small_map_convs
+
+    overrides = [f"train.batch_size={batch}", f"train.precision={precision}",
+                 f"train.channels_last={str(channels_last).lower()}", "train.knn_every=0", "train.progress=false",
+                 "data.num_workers=0", f"run_dir={tempfile.mkdtemp(prefix='densessl-bench-')}"]
+    if scale == "paper":
+        overrides += ["data.dataset=fashion_scenes", "data.root=null", "data.size=224", f"data.num_scenes={batch}"]
+    torch.manual_seed(0)
+    trainer = Trainer(build_config(STEP_SCALES[scale].format(method), overrides))
+    if not small_map_convs:
+        use_small_map_convs(trainer.method, max_positions=0)
+    loader_batch = next(iter(trainer._loader(0, 0)))
+    trainer.model.train()
+
+    def run():
+        trainer.train_step(loader_batch)
+
+    run.trainer = trainer  # for inspection (tests)
+    return run
+
+
+def bench_methods(scale="small", methods=STEP_METHODS, batch=None, rounds=5) -> dict[str, list[Result]]:
+    """Per method: the plain-PyTorch way (fp32, contiguous, oneDNN convolutions everywhere) beside
+    densessl's defaults on this CPU (bf16 autocast, channels_last, small-map GEMMs)."""
+    batch = batch or (128 if scale == "small" else 16)
+    results = {}
+    for m in methods:
+        results[m] = interleaved({
+            "fp32, contiguous (plain PyTorch)": recipe_step(m, scale, batch, "fp32", False, False),
+            "densessl defaults (bf16, channels_last)": recipe_step(m, scale, batch, "bf16", True, True),
+        }, rounds, batch, warmup=2)
+    return results
+
+
 def matmul_peak(dtype=torch.float32, n=2048, reps=5) -> float:
     """Measured GFLOP/s of an n x n matrix product (the machine's practical peak)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
@@ -319,6 +367,12 @@ def add_bench_commands(subparsers) -> None:
     s.add_argument("--rounds", type=int, default=7)
     s.add_argument("--no-lightly", action="store_true")
     s.set_defaults(func=_cmd_step)
+    m = subparsers.add_parser("methods", help="training steps of BYOL/SwAV/PixPro/SCRL recipes, fp32 beside the defaults")
+    m.add_argument("--scale", choices=sorted(STEP_SCALES), default="small")
+    m.add_argument("--methods", nargs="+", choices=STEP_METHODS, default=list(STEP_METHODS))
+    m.add_argument("--batch", type=int, default=None, help="default: 128 (small), 16 (paper)")
+    m.add_argument("--rounds", type=int, default=5)
+    m.set_defaults(func=_cmd_methods)
     v = subparsers.add_parser("views", help="view generation from JPEG files beside a seed-style PIL pipeline")
     v.add_argument("--folder", default="runs/bench-jpegs")
     v.add_argument("--num", type=int, default=64)
@@ -351,6 +405,15 @@ def _cmd_step(args) -> int:
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
     print(f"step FLOPs {flops / 1e9:.1f} GFLOP per batch; best densessl {flops / 1e9 * best / args.batch:.0f} "
           f"GFLOP/s achieved; measured matmul peak fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
+    return 0
+
+
+def _cmd_methods(args) -> int:
+    results = bench_methods(args.scale, args.methods, args.batch, args.rounds)
+    print(f"training steps ({args.scale} scale), {args.rounds} interleaved rounds; {_hardware()}")
+    for name, res in results.items():
+        print(f"\n{name} ({STEP_SCALES[args.scale].format(name)}):")
+        print(format_results(res, res[0].name))
     return 0
 
 

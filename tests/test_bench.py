@@ -24,3 +24,22 @@ def test_interleaved_reports_median_rate():
                             warmup=1)
     assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then alternating rounds
     assert [r.name for r in res] == ["a", "b"] and all(len(r.samples) == 3 and r.images_per_s > 0 for r in res)
+
+
+def test_method_step_contenders_are_configured_as_labelled():
+    """The plain-PyTorch contender really runs fp32, contiguous, without small-map GEMMs; the
+    defaults contender runs bf16 and channels_last; each call is one real optimisation step."""
+    from densessl.models.small_maps import SmallMapConv2d
+
+    plain = bench.recipe_step("pixpro", "small", 4, "fp32", False, False)
+    fast = bench.recipe_step("pixpro", "small", 4, "bf16", True, True)
+    tp, tf = plain.trainer, fast.trainer
+    assert tp.amp_dtype is None and tf.amp_dtype == torch.bfloat16
+    w_plain, w_fast = tp.method.backbone.conv1.weight, tf.method.backbone.conv1.weight
+    assert w_plain.is_contiguous() and w_fast.is_contiguous(memory_format=torch.channels_last)
+    convs = [m for m in tp.method.modules() if isinstance(m, SmallMapConv2d)]
+    assert convs and all(m.max_positions == 0 for m in convs)
+    assert all(m.max_positions == 4 for m in tf.method.modules() if isinstance(m, SmallMapConv2d))
+    before = w_plain.detach().clone()
+    plain(), plain()  # the warm-up's first lr is 0
+    assert tp.step == 2 and not torch.equal(before, w_plain)

@@ -213,6 +213,33 @@ class Trainer:
                 g["weight_decay"] = wd * g.get("wd_scale", 1.0)
         self.current_lr = lr
 
+    def train_step(self, batch: dict) -> tuple[dict, dict]:
+        """One optimisation step on a loader batch (uint8 views + geometry): schedules, batched
+        augmentation on the device, forward under autocast, backward, optimiser step, the
+        method's after-step hook (EMA, ...). Returns the method's outputs and the batch's
+        non-view entries on the device; advances `self.step`."""
+        t, device = self.cfg.train, self.dist.device
+        self._set_schedules()
+        views = augment_batch(batch["views"], self.cfg.views, t.seed, self.step, device,
+                              self.dist.rank, self.dist.world_size, self.channels_last)
+        cpu_geometry = {"box": batch["box"], "flip": batch["flip"]}
+        batch = _to_device({k: v for k, v in batch.items() if k != "views"}, device)
+        batch["cpu"] = cpu_geometry  # host copy for CPU-side geometry (SCRL's boxes)
+        self.method.current_step = self.step
+        with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            out = self.model(views, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out["total_loss"]).backward()
+        self.method.before_optimizer_step(self.step)
+        if self.cfg.optim.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.optim.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.method.after_step(self.step, self.total_steps)
+        self.step += 1
+        return out, batch
+
     def fit(self) -> dict:
         t = self.cfg.train
         device = self.dist.device
@@ -237,26 +264,7 @@ class Trainer:
             epoch, start = divmod(self.step, self.steps_per_epoch)
             probe_scores, probe_targets = [], []
             for batch in self._loader(epoch, start):
-                self._set_schedules()
-                views = augment_batch(batch["views"], self.cfg.views, t.seed, self.step, device,
-                                      self.dist.rank, self.dist.world_size, self.channels_last)
-                cpu_geometry = {"box": batch["box"], "flip": batch["flip"]}
-                batch = _to_device({k: v for k, v in batch.items() if k != "views"}, device)
-                batch["cpu"] = cpu_geometry  # host copy for CPU-side geometry (SCRL's boxes)
-                self.method.current_step = self.step
-                with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-                    out = self.model(views, batch)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(out["total_loss"]).backward()
-                self.method.before_optimizer_step(self.step)
-                if self.cfg.optim.clip_grad:
-                    self.scaler.unscale_(self.optimizer)
-                    nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.optim.clip_grad)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.method.after_step(self.step, self.total_steps)
-                self.step += 1
-
+                out, batch = self.train_step(batch)
                 bad |= ~torch.isfinite(out["loss"].detach())
                 for k, v in out.items():
                     if torch.is_tensor(v) and v.ndim == 0:
