@@ -42,6 +42,7 @@ from densessl.methods import register
 from densessl.methods.base import Method
 from densessl.methods.moco import MomentumMixin, _no_autocast, info_nce_loss, momentum_at
 from densessl.methods.queue import KeyQueue
+from densessl.methods.swav import embedding_std
 from densessl.models.backbones import STAGES
 from densessl.models.heads import mlp
 
@@ -178,4 +179,10 @@ class CGH(MomentumMixin, Method):
         out = {"loss": loss, "features": h.detach()}
         out.update({name: v.detach() for name, v in terms.items()})
         out["w_cl"] = loss.detach().new_full((), w_cl)
+        # collapse statistics: per-dimension std of the student embeddings (0 when collapsed), and
+        # the entropy of the global teacher relation over the queue (ln K when it carries nothing)
+        out["z_std"] = embedding_std(q.detach())
+        with torch.no_grad():
+            rel = F.softmax(k.float() @ queue_g / self.cfg.temp_teacher_g2h, dim=1)
+            out["teacher_entropy"] = -(rel * rel.clamp_min(1e-12).log()).sum(dim=1).mean()
         return out

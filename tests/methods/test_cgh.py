@@ -139,3 +139,19 @@ def test_cgh_trains_four_steps_through_the_trainer(tmp_path):
     recs = [r for r in recs if "loss" in r]
     assert len(recs) == 4 and all(math.isfinite(r["loss"]) for r in recs)
     assert [r["w_cl"] for r in recs] == [1.0, 0.5, 0.0, 0.0]  # 2-step warm-up
+
+
+def test_collapse_statistics():
+    """teacher_entropy is ln K for a queue whose columns are all the same vector (the relation
+    carries nothing) and far below it for a spread queue; z_std is the embedding std."""
+    torch.manual_seed(0)
+    m = tiny_cgh(shuffle_bn=False)
+    views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
+    K = m.queue["global"].shape[1]
+    out = m(views, {})
+    assert 0 < float(out["teacher_entropy"]) < math.log(K) - 0.5  # random unit queue, T = 0.04: peaked
+    m.queue["global"].copy_(F.normalize(torch.ones_like(m.queue["global"]), dim=0))
+    out = m(views, {})
+    assert float(out["teacher_entropy"]) == pytest.approx(math.log(K), abs=1e-4)
+    _, q, _ = m.embed(m.backbone, m.head, m.distiller, views[1])
+    assert float(out["z_std"]) == pytest.approx(float(q.std(dim=0).mean()), abs=1e-5)
