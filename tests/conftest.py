@@ -32,3 +32,14 @@ def subprocess_env() -> dict:
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+def assert_momentum_end_moves_target_halfway(method) -> None:
+    """For a method built with momentum_base = momentum_end = 0.5: after_step at the last step
+    still moves the target half-way to the online backbone (the default end, 1, freezes it)."""
+    with torch.no_grad():
+        method.backbone.conv1.weight.add_(1.0)
+    old = method.target_backbone.conv1.weight.clone()
+    method.after_step(10, 10)
+    assert method.momentum == 0.5
+    assert torch.allclose(method.target_backbone.conv1.weight, 0.5 * old + 0.5 * method.backbone.conv1.weight)

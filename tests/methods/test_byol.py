@@ -1,3 +1,4 @@
+from conftest import assert_momentum_end_moves_target_halfway
 import math
 
 import torch
@@ -79,9 +80,4 @@ def test_byol_momentum_end_is_wired():
     """momentum_end=0.5: at the last step the target still moves half-way (the default, 1, freezes it)."""
     cfg = BYOLConfig(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32, momentum_base=0.5, momentum_end=0.5)
     m = BYOL(cfg, build_backbone("resnet18_small", 8))
-    with torch.no_grad():
-        m.backbone.conv1.weight.add_(1.0)
-    old = m.target_backbone.conv1.weight.clone()
-    m.after_step(10, 10)
-    assert m.momentum == 0.5
-    assert torch.allclose(m.target_backbone.conv1.weight, 0.5 * old + 0.5 * m.backbone.conv1.weight)
+    assert_momentum_end_moves_target_halfway(m)

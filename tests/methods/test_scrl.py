@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY
+from conftest import assert_momentum_end_moves_target_halfway, TINY
 from densessl.config import ConfigError, build_config
 from densessl.engine.trainer import Trainer
 from densessl.methods.byol import regression_loss
@@ -231,9 +231,4 @@ def test_scrl_momentum_end_is_wired():
     """momentum_end=0.5: at the last step the target still moves half-way (the default, 1, freezes it)."""
     m = SCRL(SCRLConfig(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32, momentum_base=0.5, momentum_end=0.5),
              build_backbone("resnet18_small", 8))
-    with torch.no_grad():
-        m.backbone.conv1.weight.add_(1.0)
-    old = m.target_backbone.conv1.weight.clone()
-    m.after_step(10, 10)
-    assert m.momentum == 0.5
-    assert torch.allclose(m.target_backbone.conv1.weight, 0.5 * old + 0.5 * m.backbone.conv1.weight)
+    assert_momentum_end_moves_target_halfway(m)
