@@ -105,6 +105,9 @@ def cgh_losses(q, q_h, k, k_h, queue_g, queue_h, cfg: CGHConfig, w_cl: float) ->
         "cl_hyper": relation_ce(a_k, h_q, cfg.temp_teacher_g2h, cfg.temp_student_g2h),
         "csist": relation_ce(h_k, a_q, cfg.temp_teacher_h2g, cfg.temp_student_h2g),
     }
+    with torch.no_grad():  # collapse statistic: ln K when the teacher relation carries nothing
+        rel = F.softmax(a_k / cfg.temp_teacher_g2h, dim=1)
+        out["teacher_entropy"] = -(rel * rel.clamp_min(1e-12).log()).sum(dim=1).mean()
     if w_cl > 0:
         out["cl"] = (info_nce_loss(q, k, queue_g, cfg.temp_infonce)
                      + info_nce_loss(q_h, k_h, queue_h, cfg.temp_infonce))
@@ -179,10 +182,5 @@ class CGH(MomentumMixin, Method):
         out = {"loss": loss, "features": h.detach()}
         out.update({name: v.detach() for name, v in terms.items()})
         out["w_cl"] = loss.detach().new_full((), w_cl)
-        # collapse statistics: per-dimension std of the student embeddings (0 when collapsed), and
-        # the entropy of the global teacher relation over the queue (ln K when it carries nothing)
-        out["z_std"] = embedding_std(q.detach())
-        with torch.no_grad():
-            rel = F.softmax(k.float() @ queue_g / self.cfg.temp_teacher_g2h, dim=1)
-            out["teacher_entropy"] = -(rel * rel.clamp_min(1e-12).log()).sum(dim=1).mean()
+        out["z_std"] = embedding_std(q.detach())  # collapse statistic: 0 when collapsed
         return out

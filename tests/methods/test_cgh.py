@@ -83,7 +83,7 @@ def test_cross_context_terms_pair_the_right_relations():
     qg, qh = F.normalize(torch.randn(8, 16), dim=0), F.normalize(torch.randn(8, 16), dim=0)
     cfg = CGHConfig()
     out = cgh_losses(q, q_h, k, k_h, qg, qh, cfg, w_cl=0.0)
-    assert set(out) == {"cl_hyper", "csist"}  # no InfoNCE logits once its weight is 0
+    assert set(out) == {"cl_hyper", "csist", "teacher_entropy"}  # no InfoNCE logits once its weight is 0
     assert torch.allclose(out["cl_hyper"], relation_ce(k @ qg, q_h @ qh, 0.04, 0.08))
     assert torch.allclose(out["csist"], relation_ce(k_h @ qh, q @ qg, 0.08, 0.1))
     out = cgh_losses(q, q_h, k, k_h, qg, qh, cfg, w_cl=0.5)
