@@ -77,6 +77,23 @@ def test_sinkhorn_constant_scores_give_uniform_codes_and_large_scores_do_not_ove
     assert torch.allclose(q.sum(1), torch.ones(16), atol=1e-5)
 
 
+def test_collapsed_embeddings_are_a_fixed_point_at_ln_k():
+    """The failure docs/results.md measured on 64-px scenes: identical embeddings give identical
+    score rows, Sinkhorn returns uniform codes (however peaked each row is), and a prediction
+    that is uniform too costs exactly ln K with zero gradient: nothing pulls the run out."""
+    K, B = 12, 16
+    row = cosines(1, K)
+    q = sinkhorn(row.expand(B, K).contiguous(), 0.02, 3)
+    assert torch.allclose(q, torch.full((B, K), 1 / K), atol=1e-6)
+    uniform_scores = torch.zeros(B, K, requires_grad=True)
+    loss = cross_entropy_to_codes(q, uniform_scores, 0.1)
+    loss.backward()
+    assert loss.item() == pytest.approx(math.log(K), abs=1e-6)
+    assert uniform_scores.grad.abs().max() < 1e-7
+    varied = cosines(B, K, seed=1)  # distinct embeddings: codes differ between samples
+    assert sinkhorn(varied, 0.02, 3).std(dim=0).max() > 0.05
+
+
 def test_sinkhorn_codes_drop_queue_rows():
     s, extra = cosines(8, 6, seed=1), cosines(24, 6, seed=2)
     q = sinkhorn_codes(s, extra)
