@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -58,6 +59,18 @@ class TrainStep(nn.Module):
             total = total + probe_loss
         out["total_loss"] = total
         return out
+
+
+def collapse_warning(first_z_std: float, z_std: float, ratio: float = 0.6) -> str | None:
+    """A warning when the logged embedding std has fallen below `ratio` x its first value.
+
+    Chosen from the runs in docs/results.md (min z_std / first z_std per run): every run that
+    learnt stayed at 0.78 or above; the SwAV-family runs whose loss sat at ln K fell to 0.12-0.52
+    ("SwAV-family collapse")."""
+    if first_z_std > 0 and z_std < ratio * first_z_std:
+        return (f"warning: embedding std z_std fell from {first_z_std:.4f} to {z_std:.4f} (below {ratio:.0%} of "
+                f"its first value): the embeddings may be collapsing; see docs/methods/swav.md")
+    return None
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -135,6 +148,7 @@ class Trainer:
         self.step = 0
         self.log_file = None
         self.writer = None
+        self._first_z_std, self._collapse_warned = None, False
 
     # ------------------------------------------------------------------ state
 
@@ -329,6 +343,12 @@ class Trainer:
             return
         self.log_file.write(json.dumps(record) + "\n")
         self.log_file.flush()
+        if "z_std" in record and not self._collapse_warned:
+            if self._first_z_std is None:
+                self._first_z_std = record["z_std"]
+            elif (msg := collapse_warning(self._first_z_std, record["z_std"])) is not None:
+                print(f"step {record['step']}: {msg}", file=sys.stderr, flush=True)
+                self._collapse_warned = True
         if self.writer is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step" and v is not None and math.isfinite(v):

@@ -1,0 +1,29 @@
+"""The trainer's collapse warning: thresholds from measured runs, and its wiring into the log."""
+import json
+
+from densessl.config import build_config
+from densessl.engine.trainer import Trainer, collapse_warning
+
+
+def test_collapse_warning_separates_the_measured_runs():
+    assert collapse_warning(0.065, 0.008) is not None  # SwAV stuck at ln K (old swav-scenes, 1 epoch)
+    assert collapse_warning(0.065, 0.031) is not None  # old swav-scenes, 3 epochs (ratio 0.48)
+    assert collapse_warning(0.067, 0.052) is None  # swav-scenes after the recipe change (0.78)
+    assert collapse_warning(0.069, 0.054) is None  # SCRL, 12 epochs (0.78)
+    assert collapse_warning(0.0, 0.0) is None  # nothing logged yet
+    msg = collapse_warning(0.065, 0.008)
+    assert "0.0650" in msg and "0.0080" in msg and "z_std" in msg
+
+
+def test_trainer_warns_once_when_z_std_falls(tmp_path, capsys):
+    cfg = build_config("byol-scenes", ["data.num_scenes=16", "train.epochs=1", "train.batch_size=8",
+                                       f"run_dir={tmp_path / 'run'}", "data.num_workers=0", "train.progress=false"])
+    trainer = Trainer(cfg)
+    trainer.run_dir.mkdir(parents=True, exist_ok=True)
+    trainer._open_logs()
+    for step, z in [(10, 0.068), (20, 0.06), (30, 0.03), (40, 0.01)]:
+        trainer._log({"step": step, "loss": 1.0, "z_std": z})
+    err = capsys.readouterr().err
+    assert err.count("z_std fell") == 1 and "step 30" in err and "0.0680" in err
+    logged = [json.loads(x)["z_std"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [0.068, 0.06, 0.03, 0.01]
