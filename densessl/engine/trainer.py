@@ -64,9 +64,9 @@ class TrainStep(nn.Module):
 def collapse_warning(first_z_std: float, z_std: float, ratio: float = 0.6) -> str | None:
     """A warning when the logged embedding std has fallen below `ratio` x its first value.
 
-    Chosen from the runs in docs/results.md (min z_std / first z_std per run): every run that
-    learnt stayed at 0.78 or above; the SwAV-family runs whose loss sat at ln K fell to 0.12-0.52
-    ("SwAV-family collapse")."""
+    Chosen from the logged runs behind docs/results.md (min z_std / first z_std per run): every
+    run evaluated there stayed at 0.78 or above; the SwAV-family runs whose loss sat at ln K fell
+    to 0.12-0.52 ("SwAV-family collapse"), as did one BYOL augmentation-sweep variant (0.40)."""
     if first_z_std > 0 and z_std < ratio * first_z_std:
         return (f"warning: embedding std z_std fell from {first_z_std:.4f} to {z_std:.4f} (below {ratio:.0%} of "
                 f"its first value): the embeddings may be collapsing; see docs/methods/swav.md")
