@@ -105,9 +105,8 @@ def cgh_losses(q, q_h, k, k_h, queue_g, queue_h, cfg: CGHConfig, w_cl: float) ->
         "cl_hyper": relation_ce(a_k, h_q, cfg.temp_teacher_g2h, cfg.temp_student_g2h),
         "csist": relation_ce(h_k, a_q, cfg.temp_teacher_h2g, cfg.temp_student_h2g),
     }
-    with torch.no_grad():  # collapse statistic: ln K when the teacher relation carries nothing
-        rel = F.softmax(a_k / cfg.temp_teacher_g2h, dim=1)
-        out["teacher_entropy"] = -(rel * rel.clamp_min(1e-12).log()).sum(dim=1).mean()
+    with torch.no_grad():  # collapse statistic: entropy = CE of the teacher relation with itself, ln K at worst
+        out["teacher_entropy"] = relation_ce(a_k, a_k, cfg.temp_teacher_g2h, cfg.temp_teacher_g2h)
     if w_cl > 0:
         out["cl"] = (info_nce_loss(q, k, queue_g, cfg.temp_infonce)
                      + info_nce_loss(q_h, k_h, queue_h, cfg.temp_infonce))

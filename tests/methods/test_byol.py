@@ -1,8 +1,8 @@
-from conftest import assert_momentum_end_moves_target_halfway
 import math
 
 import torch
 
+from conftest import assert_momentum_end_moves_target_halfway
 from densessl.engine.ema import ema_update_, make_target
 from densessl.engine.schedules import cosine_momentum
 from densessl.methods.byol import BYOL, BYOLConfig, byol_loss, regression_loss
