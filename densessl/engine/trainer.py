@@ -326,9 +326,18 @@ class Trainer:
     def _open_logs(self) -> None:
         path = self.run_dir / "metrics.jsonl"
         if path.exists():  # drop records past the checkpoint we resumed from: they will be redone
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept, torn = [], 0
+            for line in path.read_text().splitlines():
+                try:
+                    kept.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut by a kill mid-write
+                    torn += bool(line.strip())
+            if torn:
+                print(f"{path}: dropped {torn} unreadable line(s) (cut by a kill?)", file=sys.stderr, flush=True)
+            kept = [r for r in kept if r.get("step", 0) <= self.step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            # the collapse warning compares with the run's first z_std, not the resumed one
+            self._first_z_std = next((r["z_std"] for r in kept if "z_std" in r), None)
         self.log_file = open(path, "a")
         if self.cfg.train.tensorboard:
             try:

@@ -27,3 +27,18 @@ def test_trainer_warns_once_when_z_std_falls(tmp_path, capsys):
     assert err.count("z_std fell") == 1 and "step 30" in err and "0.0680" in err
     logged = [json.loads(x)["z_std"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [0.068, 0.06, 0.03, 0.01]
+
+
+def test_resumed_run_compares_with_its_first_z_std_and_drops_a_torn_line(tmp_path, capsys):
+    cfg = build_config("byol-scenes", ["data.num_scenes=16", "train.epochs=1", "train.batch_size=8",
+                                       f"run_dir={tmp_path / 'run'}", "data.num_workers=0", "train.progress=false"])
+    trainer = Trainer(cfg)
+    trainer.run_dir.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "run" / "metrics.jsonl"
+    path.write_text('{"step": 10, "z_std": 0.07}\n{"step": 20, "z_std": 0.05}\n{"step": 30, "z_std": 0.0\n')
+    trainer.step = 20  # resumed from the step-20 checkpoint; the step-30 line was cut by the kill
+    trainer._open_logs()
+    assert "dropped 1 unreadable line" in capsys.readouterr().err
+    trainer._log({"step": 30, "loss": 1.0, "z_std": 0.04})  # 0.04 < 0.6 x 0.07, but not < 0.6 x 0.05
+    assert "from 0.0700 to 0.0400" in capsys.readouterr().err
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [10, 20, 30]
