@@ -42,6 +42,7 @@ import os
 import sys
 from pathlib import Path
 
+from densessl.engine.trainer import read_metrics
 from densessl.eval.protocols import eval_config, evaluate
 
 out = Path(os.environ["OUT"])
@@ -49,7 +50,7 @@ COLLAPSE = ("usage_entropy", "z_std", "pos_sim")  # the first one a method logs 
 
 
 def train_stats(run: Path) -> dict:
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    recs = read_metrics(run / "metrics.jsonl")
     losses = [r for r in recs if "loss" in r]
     knn = [(r["step"], r["knn_top1"]) for r in recs if "knn_top1" in r]
     key = next((k for k in COLLAPSE if k in losses[-1]), None)

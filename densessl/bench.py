@@ -175,7 +175,7 @@ def recipe_step(method: str, scale: str, batch: int, precision: str, channels_la
     trainer = Trainer(build_config(STEP_SCALES[scale].format(method), overrides))
     if not small_map_convs:
         use_small_map_convs(trainer.method, max_positions=0)
-    loader_batch = next(iter(trainer._loader(0, 0)))
+    loader_batch = next(iter(trainer.loader(0)))
     trainer.model.train()
 
     cuda = trainer.dist.device.type == "cuda"

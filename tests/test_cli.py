@@ -1,4 +1,7 @@
 import json
+from pathlib import Path
+
+import torch
 
 from densessl.cli import main
 
@@ -23,3 +26,27 @@ def test_eval_knn_random_writes_metrics(tmp_path, capsys):
 def test_eval_of_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "knn", str(tmp_path / "nope.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_random_init_seed_changes_the_baseline_weights_only(tmp_path):
+    from densessl.eval.protocols import default_out, eval_config, load_eval_backbone
+
+    def conv1(overrides):
+        cfg = eval_config(["model.width=8"] + overrides)
+        backbone, desc = load_eval_backbone("random", cfg)
+        return backbone.conv1.weight, desc, cfg
+
+    w0, desc0, cfg0 = conv1([])
+    w1, desc1, cfg1 = conv1(["random_init_seed=1"])
+    w_seed1, _, _ = conv1(["seed=1"])  # without random_init_seed the weights follow `seed`
+    assert torch.equal(w1, w_seed1) and not torch.equal(w0, w1)
+    assert desc0.endswith("(seed 0)") and desc1.endswith("(seed 1)") and cfg1.seed == 0  # probes keep seed 0
+    assert default_out("random", "knn", cfg0) == Path("runs/random-resnet18_small/eval/knn.json")
+    assert default_out("random", "knn", cfg1) == Path("runs/random-resnet18_small-seed1/eval/knn.json")
+    # the baseline of a `train.seed=1` run is the very backbone that run starts from
+    from conftest import TINY
+    from densessl.config import build_config
+    from densessl.engine.trainer import Trainer
+
+    trainer = Trainer(build_config("byol-scenes", TINY + ["train.seed=1", f"run_dir={tmp_path / 'run'}"]))
+    assert torch.equal(trainer.method.backbone.conv1.weight, w1)

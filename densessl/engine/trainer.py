@@ -201,7 +201,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def _loader(self, epoch: int, start: int) -> DataLoader:
+    def loader(self, epoch: int, start: int = 0) -> DataLoader:
+        """The view batches of `epoch` from its batch `start` on (resumable; also used by benchmarks)."""
         t = self.cfg.train
         make = getattr(self.method, "make_view_dataset", None)  # methods with their own views (video)
         if make is not None:
@@ -277,7 +278,7 @@ class Trainer:
         while self.step < self.total_steps:
             epoch, start = divmod(self.step, self.steps_per_epoch)
             probe_scores, probe_targets = [], []
-            for batch in self._loader(epoch, start):
+            for batch in self.loader(epoch, start):
                 out, batch = self.train_step(batch)
                 bad |= ~torch.isfinite(out["loss"].detach())
                 for k, v in out.items():
@@ -326,15 +327,7 @@ class Trainer:
     def _open_logs(self) -> None:
         path = self.run_dir / "metrics.jsonl"
         if path.exists():  # drop records past the checkpoint we resumed from: they will be redone
-            kept, torn = [], 0
-            for line in path.read_text().splitlines():
-                try:
-                    kept.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut by a kill mid-write
-                    torn += bool(line.strip())
-            if torn:
-                print(f"{path}: dropped {torn} unreadable line(s) (cut by a kill?)", file=sys.stderr, flush=True)
-            kept = [r for r in kept if r.get("step", 0) <= self.step]
+            kept = [r for r in read_metrics(path) if r.get("step", 0) <= self.step]
             path.write_text("".join(json.dumps(r) + "\n" for r in kept))
             # the collapse warning compares with the run's first z_std, not the resumed one
             self._first_z_std = next((r["z_std"] for r in kept if "z_std" in r), None)
@@ -417,10 +410,22 @@ def _flatten(d, prefix=""):
     return out
 
 
+def read_metrics(metrics_path: Path) -> list[dict]:
+    """Every record of a metrics.jsonl; a line cut by a kill mid-write is dropped, with a message."""
+    records, torn = [], 0
+    for line in Path(metrics_path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            torn += bool(line.strip())
+    if torn:
+        print(f"{metrics_path}: dropped {torn} unreadable line(s) (cut by a kill?)", file=sys.stderr, flush=True)
+    return records
+
+
 def read_losses(metrics_path: Path) -> list[dict]:
     """The training-step records (those with a loss) of a metrics.jsonl."""
-    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    return [r for r in records if "loss" in r]
+    return [r for r in read_metrics(metrics_path) if "loss" in r]
 
 
 def draw_losses(ax, records: list[dict]) -> None:

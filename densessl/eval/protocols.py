@@ -35,6 +35,9 @@ class EvalConfig:
     weight_decay: float = 0.0
     batch_size: int = 256
     seed: int = 0
+    # the `random` baseline's weights (None: `seed`); probes keep `seed`. A pretraining run with
+    # train.seed=n starts from exactly the weights of random_init_seed=n: its own baseline.
+    random_init_seed: int | None = None
     precision: str = "fp32"  # fp32 | bf16 feature extraction
     # stored: BN running statistics as in the checkpoint (a random-init backbone: mean 0, var 1,
     # i.e. un-normalised); data: recomputed on `bn_scenes` training scenes first, weights unchanged
@@ -53,8 +56,9 @@ def load_eval_backbone(spec: str, cfg: EvalConfig):
     from densessl.engine.checkpoint import load_backbone
 
     if spec == "random":
-        torch.manual_seed(cfg.seed)
-        return build_backbone(cfg.model.backbone, cfg.model.width), f"random-init {cfg.model.backbone}"
+        init_seed = cfg.seed if cfg.random_init_seed is None else cfg.random_init_seed
+        torch.manual_seed(init_seed)
+        return build_backbone(cfg.model.backbone, cfg.model.width), f"random-init {cfg.model.backbone} (seed {init_seed})"
     backbone, train_cfg = load_backbone(spec)
     cfg.model = train_cfg.model
     return backbone, f"{spec}"
@@ -141,7 +145,9 @@ def default_out(spec: str, protocol: str, cfg: EvalConfig) -> Path:
     if cfg.out:
         return Path(cfg.out)
     if spec == "random":
-        return Path("runs") / f"random-{cfg.model.backbone}" / "eval" / f"{protocol}.json"
+        init_seed = getattr(cfg, "random_init_seed", None)  # transfer configs have none
+        name = f"random-{cfg.model.backbone}" + ("" if init_seed is None else f"-seed{init_seed}")
+        return Path("runs") / name / "eval" / f"{protocol}.json"
     p = Path(spec)
     run_dir = p.parent.parent if p.parent.name == "checkpoints" else p.parent
     return run_dir / "eval" / f"{protocol}.json"

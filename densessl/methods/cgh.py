@@ -57,7 +57,8 @@ class CGHConfig:
     distill_dim: Optional[int] = None  # FeatDistiller's 1x1 conv width; None: the backbone's C5 channels
     queue_size: int = 131072
     momentum: float = 0.999
-    momentum_schedule: str = "const"  # const | cosine
+    momentum_schedule: str = "const"  # const | cosine (from `momentum` to `momentum_end`)
+    momentum_end: float = 1.0
     temp_teacher_g2h: float = 0.04  # teacher global relation -> student hypercolumn relation
     temp_student_g2h: float = 0.08
     temp_teacher_h2g: float = 0.08  # teacher hypercolumn relation -> student global relation

@@ -46,7 +46,8 @@ class DenseCLConfig:
     queue_size: int = 65536
     temperature: float = 0.2
     momentum: float = 0.999
-    momentum_schedule: str = "const"  # const | cosine
+    momentum_schedule: str = "const"  # const | cosine (from `momentum` to `momentum_end`)
+    momentum_end: float = 1.0
     loss_lambda: float = 0.5  # weight of the dense loss
     warmup_iters: int = 0  # steps with loss_lambda = 0 (dense loss off)
     shuffle_bn: bool = True

@@ -51,7 +51,8 @@ class MoCoConfig:
     queue_size: int = 65536
     temperature: float = 0.2
     momentum: float = 0.999
-    momentum_schedule: str = "const"  # const | cosine (from `momentum` to 1 over training)
+    momentum_schedule: str = "const"  # const | cosine (from `momentum` to `momentum_end` over training)
+    momentum_end: float = 1.0  # cosine's final value (1.0: BYOL's schedule; solo-learn's CIFAR presets: 0.999)
     symmetric: bool = False
     shuffle_bn: bool = True
     bn_splits: int = 8  # one process: BN groups per batch (emulates per-GPU BN + shuffle); 1 = off
@@ -73,11 +74,11 @@ def info_nce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tempera
     return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
 
 
-def momentum_at(step: int, total_steps: int, base: float, schedule: str) -> float:
+def momentum_at(step: int, total_steps: int, base: float, schedule: str, final: float = 1.0) -> float:
     if schedule == "const":
         return base
     if schedule == "cosine":
-        return cosine_momentum(step, total_steps, base)
+        return cosine_momentum(step, total_steps, base, final)
     raise ValueError(f"method.momentum_schedule={schedule!r}; expected 'const' or 'cosine'")
 
 
@@ -192,7 +193,7 @@ class MomentumMixin:
                 check_per_rank_bn(self, self.cfg.name)
             self._bn_checked = True
         self.momentum = momentum_at(self.current_step, self.total_steps, self.cfg.momentum,
-                                    self.cfg.momentum_schedule)
+                                    self.cfg.momentum_schedule, self.cfg.momentum_end)
         for target, online in pairs:
             ema_update_(target, online, self.momentum)
 

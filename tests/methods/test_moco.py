@@ -87,8 +87,18 @@ def test_split_batchnorm_normalises_strided_groups_and_is_plain_bn_in_eval():
 def test_momentum_schedules():
     assert momentum_at(10, 100, 0.999, "const") == 0.999
     assert momentum_at(0, 100, 0.99, "cosine") == 0.99 and momentum_at(100, 100, 0.99, "cosine") == 1.0
+    # solo-learn's CIFAR presets: cosine from 0.99 to 0.999; halfway is the midpoint
+    assert momentum_at(100, 100, 0.99, "cosine", 0.999) == 0.999
+    assert math.isclose(momentum_at(50, 100, 0.99, "cosine", 0.999), 0.9945)
     with pytest.raises(ValueError, match="momentum_schedule"):
         momentum_at(0, 1, 0.9, "linear")
+
+
+def test_the_key_update_follows_the_configured_cosine_end():
+    m = tiny_moco(momentum=0.9, momentum_schedule="cosine", momentum_end=0.95)
+    m.current_step, m.total_steps = 10, 10
+    m([torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)], {})
+    assert m.momentum == 0.95
 
 
 def test_key_encoder_gets_no_gradient_and_ema_runs_before_the_key_pass():
