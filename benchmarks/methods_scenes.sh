@@ -2,7 +2,8 @@
 # Every method's small Fashion-Scenes recipe at one budget, then the same frozen-feature
 # evaluation for each checkpoint and for the random-init backbone (as initialised, and with BN
 # statistics recomputed on training scenes: the same untrained weights, data-derived
-# normalisation like every pretrained backbone carries).
+# normalisation like every pretrained backbone carries). The random init is also evaluated at
+# more weight seeds (RANDOM_SEEDS), because its kNN varies by several points from seed to seed.
 #
 # Per method: densessl pretrain <method>-scenes train.epochs=$EPOCHS train.knn_every=$KNN_EVERY
 # (kNN monitor on 2000/1000 items, step 0 included), then kNN (k=20, T=0.07), linear top-1
@@ -11,7 +12,8 @@
 #
 # Environment (defaults in brackets): METHODS [byol moco densecl pixpro scrl cgh swav ssprl gaelle],
 # EPOCHS [3], KNN_EVERY [156], OUT [runs/methods-scenes], PY [.venv/bin/python], EXTRA (more
-# pretraining overrides for every method).
+# pretraining overrides for every method), RANDOM_SEEDS [0 1 2 3 4 5] (random-init weight seeds;
+# seed 0 is the initial backbone of every run here, whose train.seed is 0).
 #   bash benchmarks/methods_scenes.sh > results.tsv
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +22,7 @@ OUT=${OUT:-runs/methods-scenes}
 EPOCHS=${EPOCHS:-3}
 KNN_EVERY=${KNN_EVERY:-156}
 METHODS=${METHODS:-"byol moco densecl pixpro scrl cgh swav ssprl gaelle"}
+RANDOM_SEEDS=${RANDOM_SEEDS:-"0 1 2 3 4 5"}
 EXTRA=${EXTRA:-}
 mkdir -p "$OUT"
 
@@ -35,7 +38,7 @@ for m in $METHODS; do
   echo $(( $(date +%s) - start )) > "$run/done"
 done
 
-OUT="$OUT" METHODS="$METHODS" "$PY" - <<'PYEOF'
+OUT="$OUT" METHODS="$METHODS" RANDOM_SEEDS="$RANDOM_SEEDS" "$PY" - <<'PYEOF'
 """Evaluate every run and the random-init baseline with the protocols of `densessl eval`."""
 import json
 import os
@@ -59,14 +62,17 @@ def train_stats(run: Path) -> dict:
             "knn_monitor": knn, "pretrain_s": int((run / "done").read_text())}
 
 
-rows = [("random init (BN as initialised)", "random", []),
-        ("random init (BN statistics from scenes)", "random", ["bn_stats=data"])]
-rows += [(m, str(out / m / "checkpoints" / "last.pt"), []) for m in os.environ["METHODS"].split()]
+seeds = os.environ["RANDOM_SEEDS"].split()
+# (row name, checkpoint or "random", eval overrides, JSON tag)
+rows = [(f"random init seed {s} (BN as initialised)", "random", [f"random_init_seed={s}"], f"random-seed{s}")
+        for s in seeds]
+rows += [("random init seed 0 (BN statistics from scenes)", "random", ["random_init_seed=0", "bn_stats=data"],
+          "random-seed0-bn-data")]
+rows += [(m, str(out / m / "checkpoints" / "last.pt"), [], m) for m in os.environ["METHODS"].split()]
 print("backbone\tkNN\tlinear\tmAP\tloss first->last\tcollapse stat first->last\tkNN monitor\tpretrain min")
-for name, spec, extra in rows:
+for name, spec, extra, tag in rows:
     print(f"== evaluating {name}", file=sys.stderr)
     res = evaluate(spec, ["knn", "linear", "multilabel"], eval_config(extra))
-    tag = name.split()[0] if spec != "random" else ("random-bn-data" if extra else "random")
     (out / f"eval-{tag}.json").write_text(json.dumps(res, indent=1, default=str))
     cols = [f"{100 * res['knn']['knn_top1']:.1f}", f"{100 * res['linear']['linear_top1']:.1f}",
             f"{100 * res['multilabel']['multilabel_mAP']:.1f}"]
