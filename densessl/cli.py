@@ -35,15 +35,21 @@ def cmd_eval(args) -> int:
 
         return run_cli(args.checkpoint, args.overrides)
     cfg = eval_config(args.overrides)
-    result = evaluate(args.checkpoint, [args.protocol], cfg)
+    protocols = FROZEN_PROTOCOLS if args.protocol == "frozen" else [args.protocol]
+    result = evaluate(args.checkpoint, protocols, cfg)
     out = default_out(args.checkpoint, args.protocol, cfg)
     write_metrics(result, out)
-    metric = {k: v for k, v in result[args.protocol].items() if k not in ("settings", "seconds")}
+    metric = {k: v for p in protocols for k, v in result[p].items() if k not in ("settings", "seconds")}
     print(f"{'backbone':<40} " + " ".join(f"{k:>16}" for k in metric))
     print(f"{result['backbone'][-40:]:<40} " + " ".join(f"{v:>16.4f}" for v in metric.values()))
-    print(f"settings: {result[args.protocol]['settings']}")
+    for p in protocols:
+        print(f"{p} settings: {result[p]['settings']}")
     print(f"wrote {out}")
     return 0
+
+
+# `densessl eval frozen`: the three frozen-feature protocols in one call, features extracted once
+FROZEN_PROTOCOLS = ["knn", "linear", "multilabel"]
 
 
 def cmd_eval_detection(args) -> int:
@@ -98,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev_sub = ev.add_subparsers(dest="protocol", required=True)
     for name, help_ in [("knn", "weighted kNN (cosine) on frozen features"),
                         ("linear", "offline single-label linear probe on cached features"),
-                        ("multilabel", "multi-label linear probe (BCE), mean average precision")]:
+                        ("multilabel", "multi-label linear probe (BCE), mean average precision"),
+                        ("frozen", "knn, linear and multilabel in one call (features extracted once)")]:
         q = ev_sub.add_parser(name, help=help_)
         q.add_argument("checkpoint", help="a densessl checkpoint, or the word 'random'")
         q.add_argument("overrides", nargs="*", help="e.g. k=20 temperature=0.07 num_train=5000 model.backbone=...; "

@@ -50,3 +50,17 @@ def test_random_init_seed_changes_the_baseline_weights_only(tmp_path):
 
     trainer = Trainer(build_config("byol-scenes", TINY + ["train.seed=1", f"run_dir={tmp_path / 'run'}"]))
     assert torch.equal(trainer.method.backbone.conv1.weight, w1)
+
+
+def test_eval_frozen_gives_the_numbers_of_the_three_separate_protocols(tmp_path, capsys):
+    """One call, features extracted once: the same values as `eval knn`, `eval linear` and
+    `eval multilabel` run one by one on the same backbone and data."""
+    common = ["random", "model.width=8", "data.size=32", "num_train=60", "num_test=30", "k=5", "epochs=3"]
+    assert main(["eval", "frozen", *common, f"out={tmp_path / 'frozen.json'}"]) == 0
+    frozen = json.loads((tmp_path / "frozen.json").read_text())
+    for protocol, key in [("knn", "knn_top1"), ("linear", "linear_top1"), ("multilabel", "multilabel_mAP")]:
+        assert main(["eval", protocol, *common, f"out={tmp_path / protocol}.json"]) == 0
+        alone = json.loads((tmp_path / f"{protocol}.json").read_text())
+        assert frozen[protocol][key] == alone[protocol][key]
+    printed = capsys.readouterr().out
+    assert all(k in printed for k in ("knn_top1", "linear_top1", "multilabel_mAP"))

@@ -74,7 +74,8 @@ def collapse_warning(first_z_std: float, z_std: float, ratio: float = 0.6) -> st
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: bf16 on GPUs that have it and on CPUs with AMX; fp16 on older GPUs."""
+    """Autocast dtype: bf16 on GPUs that have it and on CPUs with bf16 matrix units (AMX or
+    AVX512-BF16); fp16 on older GPUs; fp32 on other CPUs (docs/performance.md)."""
     if precision == "fp32":
         return None
     if precision == "bf16":
@@ -83,12 +84,15 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_amx() else None
+    return torch.bfloat16 if cpu_has_bf16_units() else None
 
 
-def cpu_has_amx() -> bool:
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(check()) if check is not None else False
+def cpu_has_bf16_units() -> bool:
+    """AMX tiles (Intel Sapphire Rapids and later) or AVX512-BF16 (Intel Cooper Lake, AMD Zen 4
+    and later): oneDNN has bf16 kernels for both, measured 2.5-4x faster than fp32 for our steps
+    (docs/performance.md). Without either there is no bf16 hardware path, so fp32 stays."""
+    return any(bool(check()) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+               if (check := getattr(torch.cpu, name, None)) is not None)
 
 
 def resolve_channels_last(setting: bool | None, device: torch.device) -> bool:

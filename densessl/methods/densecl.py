@@ -35,6 +35,7 @@ from densessl.methods import register
 from densessl.methods.base import Method
 from densessl.methods.moco import MomentumMixin, _no_autocast, info_nce_loss, momentum_at
 from densessl.methods.queue import KeyQueue
+from densessl.methods.swav import embedding_std
 from densessl.models.heads import mlp
 
 
@@ -148,5 +149,9 @@ class DenseCL(MomentumMixin, Method):
             "global": loss_g.detach(),
             "dense": loss_d.detach(),
             "lambda": loss.detach().new_full((), lam),  # a fill, not a host-to-device copy
+            # collapse statistics (0 when collapsed): the global embeddings over the batch, and
+            # the dense ones over every position of the batch
+            "z_std": embedding_std(q.detach()),
+            "dense_z_std": embedding_std(q_grid.detach().permute(0, 2, 1).reshape(-1, q_grid.shape[1])),
             "features": h.detach(),
         }

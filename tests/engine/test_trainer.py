@@ -157,3 +157,18 @@ def test_online_probe_takes_its_classes_from_a_labelled_image_folder(tmp_path):
     trainer = Trainer(build_config("byol-scenes", overrides))
     assert trainer.step_module.probe.out_features == 3
     assert trainer.fit()["step"] == 1  # 18 images // batch 16
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [
+    (True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, None)])
+def test_auto_precision_uses_bf16_on_cpus_with_bf16_units(monkeypatch, amx, avx512_bf16, expected):
+    """auto -> bf16 with AMX (Intel) or AVX512-BF16 (AMD Zen 4+, Intel Cooper Lake); explicit
+    settings win over the hardware."""
+    from densessl.engine.trainer import resolve_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) is expected
+    assert resolve_precision("fp32", cpu) is None
+    assert resolve_precision("bf16", cpu) is torch.bfloat16

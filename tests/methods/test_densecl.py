@@ -1,6 +1,7 @@
 import json
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -130,3 +131,16 @@ def test_key_branch_runs_the_momentum_modules_not_the_online_ones():
     assert torch.allclose(m.queue["dense"][:, :8], k_pooled.t(), atol=1e-6)
     assert not torch.allclose(m.queue["global"][:, :8], online_k.t(), atol=1e-2)
     assert not torch.allclose(m.queue["dense"][:, :8], online_pooled.t(), atol=1e-2)
+
+
+def test_collapse_statistics_are_the_std_of_the_global_and_dense_embeddings():
+    torch.manual_seed(0)
+    m = tiny_densecl(shuffle_bn=False)
+    views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
+    out = m(views, {})
+    c5 = m.backbone(views[0], stages=("c5",))["c5"]
+    q = F.normalize(m.head(c5.mean(dim=(2, 3))), dim=1)
+    q_grid = F.normalize(m.dense_head(c5).flatten(2), dim=1)  # (N, D, S)
+    assert float(out["z_std"]) == pytest.approx(float(q.std(dim=0).mean()), abs=1e-5)
+    per_position = q_grid.permute(0, 2, 1).reshape(-1, q_grid.shape[1])  # N * S rows
+    assert float(out["dense_z_std"]) == pytest.approx(float(per_position.std(dim=0).mean()), abs=1e-5)
