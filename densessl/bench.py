@@ -154,8 +154,13 @@ def bench_step(backbone="resnet18", width=None, size=64, batch=64, rounds=7, wit
 # (view generation is measured separately). "small": the Fashion-Scenes recipe (resnet18_small,
 # 64 px); "paper": the paper-scale recipe (ResNet-50, 224 px crops; SwAV adds 6 x 96 px) with
 # Fashion-Scenes drawn at 224 px as the images and a CPU-sized batch.
-STEP_METHODS = ("byol", "swav", "pixpro", "scrl")
+STEP_METHODS = ("byol", "moco", "densecl", "pixpro", "scrl", "cgh", "swav")
 STEP_SCALES = {"small": "{}-scenes", "paper": "{}-imagenet"}
+PAPER_NAMES = {"moco": "mocov2"}  # mocov2-imagenet: the paper-scale recipe's own name
+
+
+def step_recipe(method: str, scale: str) -> str:
+    return STEP_SCALES[scale].format(PAPER_NAMES.get(method, method) if scale == "paper" else method)
 
 
 def recipe_step(method: str, scale: str, batch: int, precision: str, channels_last: bool, small_map_convs: bool):
@@ -172,7 +177,7 @@ def recipe_step(method: str, scale: str, batch: int, precision: str, channels_la
     if scale == "paper":
         overrides += ["data.dataset=fashion_scenes", "data.root=null", "data.size=224", f"data.num_scenes={batch}"]
     torch.manual_seed(0)
-    trainer = Trainer(build_config(STEP_SCALES[scale].format(method), overrides))
+    trainer = Trainer(build_config(step_recipe(method, scale), overrides))
     if not small_map_convs:
         use_small_map_convs(trainer.method, max_positions=0)
     loader_batch = next(iter(trainer.loader(0)))
@@ -191,12 +196,14 @@ def recipe_step(method: str, scale: str, batch: int, precision: str, channels_la
 
 def bench_methods(scale="small", methods=STEP_METHODS, batch=None, rounds=5) -> dict[str, list[Result]]:
     """Per method: the plain-PyTorch way (fp32, contiguous, oneDNN convolutions everywhere) beside
-    densessl's defaults on this CPU (bf16 autocast, channels_last, small-map GEMMs)."""
+    densessl in fp32 (channels_last, small-map GEMMs: the defaults on a CPU without bf16 units)
+    and densessl's defaults on a CPU with AMX or AVX512-BF16 (the same in bf16 autocast)."""
     batch = batch or (128 if scale == "small" else 16)
     results = {}
     for m in methods:
         results[m] = interleaved({
             "fp32, contiguous (plain PyTorch)": recipe_step(m, scale, batch, "fp32", False, False),
+            "densessl, fp32 (channels_last)": recipe_step(m, scale, batch, "fp32", True, True),
             "densessl defaults (bf16, channels_last)": recipe_step(m, scale, batch, "bf16", True, True),
         }, rounds, batch, warmup=2)
     return results
@@ -371,7 +378,7 @@ def add_bench_commands(subparsers) -> None:
     s.add_argument("--rounds", type=int, default=7)
     s.add_argument("--no-lightly", action="store_true")
     s.set_defaults(func=_cmd_step)
-    m = subparsers.add_parser("methods", help="training steps of BYOL/SwAV/PixPro/SCRL recipes, fp32 beside the defaults")
+    m = subparsers.add_parser("methods", help="training steps of every method's small recipe, fp32 beside the defaults")
     m.add_argument("--scale", choices=sorted(STEP_SCALES), default="small")
     m.add_argument("--methods", nargs="+", choices=STEP_METHODS, default=list(STEP_METHODS))
     m.add_argument("--batch", type=int, default=None, help="default: 128 (small), 16 (paper)")
@@ -416,7 +423,7 @@ def _cmd_methods(args) -> int:
     results = bench_methods(args.scale, args.methods, args.batch, args.rounds)
     print(f"training steps ({args.scale} scale), {args.rounds} interleaved rounds; {_hardware()}")
     for name, res in results.items():
-        print(f"\n{name} ({STEP_SCALES[args.scale].format(name)}):")
+        print(f"\n{name} ({step_recipe(name, args.scale)}):")
         print(format_results(res, res[0].name))
     return 0
 

@@ -43,3 +43,11 @@ def test_method_step_contenders_are_configured_as_labelled():
     before = w_plain.detach().clone()
     plain(), plain()  # the warm-up's first lr is 0
     assert tp.step == 2 and not torch.equal(before, w_plain)
+
+
+def test_every_step_method_has_a_recipe_at_both_scales():
+    from densessl.config import build_config
+
+    for scale in bench.STEP_SCALES:
+        for m in bench.STEP_METHODS:
+            assert build_config(bench.step_recipe(m, scale), []).method.name in (m, "mocov2")
