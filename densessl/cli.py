@@ -88,7 +88,7 @@ def cmd_import(args) -> int:
 def cmd_demo(args) -> int:
     from densessl.demo import run_demo
 
-    return run_demo(args.overrides)
+    return run_demo(args.overrides, args.recipe)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,8 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_commands(b.add_subparsers(dest="bench_command", required=True))
 
-    dm = sub.add_parser("demo", help="the main job: pretrain BYOL on Fashion-Scenes, compare with random init")
-    dm.add_argument("overrides", nargs="*", help="overrides for the pretraining recipe")
+    from densessl.demo import RECIPE
+
+    dm = sub.add_parser("demo", help="the main job: pretrain on Fashion-Scenes, compare with random init")
+    dm.add_argument("--recipe", default=RECIPE, help=f"the pretraining recipe (default: {RECIPE})")
+    dm.add_argument("overrides", nargs="*", help="overrides for the recipe; eval.<key>=value for the evaluation")
     dm.set_defaults(func=cmd_demo)
     return parser
 
