@@ -15,7 +15,7 @@ from densessl.config import build_config
 from densessl.engine.trainer import Trainer
 from densessl.eval.protocols import eval_config, evaluate, write_metrics
 
-RECIPE = "byol-scenes"
+RECIPE = "pixpro-scenes"  # a seed system that beats the random init on every protocol in ~10 CPU-minutes
 PROTOCOLS = ["knn", "linear", "multilabel"]
 METRICS = [("knn", "knn_top1", "kNN top-1"), ("linear", "linear_top1", "linear top-1"),
            ("multilabel", "multilabel_mAP", "multi-label mAP")]
