@@ -7,6 +7,7 @@ parameters from the same seeded generator and keeps its slice.
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -137,8 +138,11 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def shutdown_distributed() -> None:
     """Barrier, then destroy the process group: tearing gloo down while a peer still talks
-    aborts the process ("terminate called without an active exception")."""
+    aborts the process ("terminate called without an active exception"). So does a DDP module
+    that outlives the process group and is freed at interpreter exit, so callers drop their
+    references first and unreachable ones (a finished Trainer's cycles) are collected here."""
     if dist.is_initialized():
+        gc.collect()
         try:
             dist.barrier()
         finally:
