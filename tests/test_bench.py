@@ -1,5 +1,6 @@
 """The benchmark's two view pipelines produce the same slots (so their images/s compare like
 for like), and the interleaving helper reports a per-contender median."""
+import pytest
 import torch
 
 from densessl import bench
@@ -51,3 +52,26 @@ def test_every_step_method_has_a_recipe_at_both_scales():
     for scale in bench.STEP_SCALES:
         for m in bench.STEP_METHODS:
             assert build_config(bench.step_recipe(m, scale), []).method.name in (m, "mocov2")
+
+
+def test_colour_shortcut_measures_on_hand_made_images():
+    """benchmarks/knn_colour_shortcut.py: a pure red image fills bin (3, 0, 0) = 48 of the 4x4x4
+    histogram; half red, half black splits it with bin 0; intersections and luminance by hand."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "knn_colour_shortcut.py"
+    spec = importlib.util.spec_from_file_location("knn_colour_shortcut", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    red = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    red[0] = 255
+    half = red.clone()
+    half[:, :2] = 0
+    ds = [{"image": red, "label": torch.tensor(0)}, {"image": half, "label": torch.tensor(1)}]
+    hist = mod.colour_histograms(ds)
+    assert hist[0, 48] == 1 and hist[1, 48] == 0.5 and hist[1, 0] == 0.5 and torch.allclose(hist.sum(1), torch.ones(2))
+    assert torch.allclose(mod.intersection(hist, hist), torch.tensor([[1.0, 0.5], [0.5, 1.0]]))
+    assert mod.Grayscale(ds)[0]["image"][:, 0, 0].tolist() == [76, 76, 76]  # round(0.299 * 255)
+    # the colour similarity of the k feature-nearest columns: row 0's nearest is column 1 (0.7)
+    assert mod.mean_topk_colour(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.2, 0.7]]), k=1) == pytest.approx(0.7)
