@@ -65,6 +65,9 @@ class CGHConfig:
     temp_student_h2g: float = 0.1
     temp_infonce: float = 0.2  # the warm-up InfoNCE
     warmup_loss_epochs: float = 5.0
+    # cross: CGH (each context's student learns the other context's teacher relation); within:
+    # the ablation of specs claim C7 (each learns its own context's, i.e. ReSSL on each head)
+    relation_targets: str = "cross"
     shuffle_bn: bool = True
     bn_splits: int = 8  # one process: BN groups per batch (see moco.py); 1 = off
 
@@ -99,12 +102,16 @@ def cgh_weights(step: int, steps_per_epoch: int, warmup_epochs: float) -> tuple[
 
 
 def cgh_losses(q, q_h, k, k_h, queue_g, queue_h, cfg: CGHConfig, w_cl: float) -> dict:
-    """The three terms from normalised student (q, q_h) and teacher (k, k_h) embeddings."""
+    """The three terms from normalised student (q, q_h) and teacher (k, k_h) embeddings.
+
+    cl_hyper trains the hypercolumn student, csist the global one; each term keeps its
+    temperatures when `relation_targets="within"` swaps the teacher relations."""
     a_q, a_k = q @ queue_g, k.detach() @ queue_g
     h_q, h_k = q_h @ queue_h, k_h.detach() @ queue_h
+    target_h, target_g = (a_k, h_k) if cfg.relation_targets == "cross" else (h_k, a_k)
     out = {
-        "cl_hyper": relation_ce(a_k, h_q, cfg.temp_teacher_g2h, cfg.temp_student_g2h),
-        "csist": relation_ce(h_k, a_q, cfg.temp_teacher_h2g, cfg.temp_student_h2g),
+        "cl_hyper": relation_ce(target_h, h_q, cfg.temp_teacher_g2h, cfg.temp_student_g2h),
+        "csist": relation_ce(target_g, a_q, cfg.temp_teacher_h2g, cfg.temp_student_h2g),
     }
     with torch.no_grad():  # collapse statistic: entropy = CE of the teacher relation with itself, ln K at worst
         out["teacher_entropy"] = relation_ce(a_k, a_k, cfg.temp_teacher_g2h, cfg.temp_teacher_g2h)
@@ -132,6 +139,9 @@ class CGH(MomentumMixin, Method):
     def __init__(self, cfg: CGHConfig, backbone):
         super().__init__(cfg, backbone)
         momentum_at(0, 1, cfg.momentum, cfg.momentum_schedule)
+        if cfg.relation_targets not in ("cross", "within"):
+            raise ValueError(f"method.relation_targets={cfg.relation_targets!r}: expected 'cross' (CGH) or 'within' "
+                             f"(each context distils its own relation, the ablation of the cross-context design)")
         bad = [s for s in cfg.hyper_stages if s not in STAGES]
         if not cfg.hyper_stages or bad:
             raise ValueError(f"method.hyper_stages={list(cfg.hyper_stages)}: expected a non-empty list of {list(STAGES)}")

@@ -86,6 +86,12 @@ def test_cross_context_terms_pair_the_right_relations():
     assert set(out) == {"cl_hyper", "csist", "teacher_entropy"}  # no InfoNCE logits once its weight is 0
     assert torch.allclose(out["cl_hyper"], relation_ce(k @ qg, q_h @ qh, 0.04, 0.08))
     assert torch.allclose(out["csist"], relation_ce(k_h @ qh, q @ qg, 0.08, 0.1))
+    # the ablation: each student learns its own context's teacher relation, temperatures unchanged
+    within = CGHConfig(**{**cfg.__dict__, "relation_targets": "within"})
+    out_w = cgh_losses(q, q_h, k, k_h, qg, qh, within, w_cl=0.0)
+    assert torch.allclose(out_w["cl_hyper"], relation_ce(k_h @ qh, q_h @ qh, 0.04, 0.08))
+    assert torch.allclose(out_w["csist"], relation_ce(k @ qg, q @ qg, 0.08, 0.1))
+    assert not torch.allclose(out_w["csist"], out["csist"])
     out = cgh_losses(q, q_h, k, k_h, qg, qh, cfg, w_cl=0.5)
     from densessl.methods.moco import info_nce_loss
 
@@ -155,3 +161,8 @@ def test_collapse_statistics():
     assert float(out["teacher_entropy"]) == pytest.approx(math.log(K), abs=1e-4)
     _, q, _ = m.embed(m.backbone, m.head, m.distiller, views[1])
     assert float(out["z_std"]) == pytest.approx(float(q.std(dim=0).mean()), abs=1e-5)
+
+
+def test_unknown_relation_targets_is_rejected_by_name():
+    with pytest.raises(ValueError, match="relation_targets='both'"):
+        tiny_cgh(relation_targets="both")
