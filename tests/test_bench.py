@@ -68,10 +68,10 @@ def test_colour_shortcut_measures_on_hand_made_images():
     red[0] = 255
     half = red.clone()
     half[:, :2] = 0
-    ds = [{"image": red, "label": torch.tensor(0)}, {"image": half, "label": torch.tensor(1)}]
-    hist = mod.colour_histograms(ds)
+    items = [{"image": red, "label": torch.tensor(0)}, {"image": half, "label": torch.tensor(1)}]
+    hist = mod.colour_histograms(items)
     assert hist[0, 48] == 1 and hist[1, 48] == 0.5 and hist[1, 0] == 0.5 and torch.allclose(hist.sum(1), torch.ones(2))
     assert torch.allclose(mod.intersection(hist, hist), torch.tensor([[1.0, 0.5], [0.5, 1.0]]))
-    assert mod.Grayscale(ds)[0]["image"][:, 0, 0].tolist() == [76, 76, 76]  # round(0.299 * 255)
+    assert mod.grayscale(items)[0]["image"][:, 0, 0].tolist() == [76, 76, 76]  # round(0.2989 * 255)
     # the colour similarity of the k feature-nearest columns: row 0's nearest is column 1 (0.7)
     assert mod.mean_topk_colour(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.2, 0.7]]), k=1) == pytest.approx(0.7)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -87,7 +88,7 @@ def test_cross_context_terms_pair_the_right_relations():
     assert torch.allclose(out["cl_hyper"], relation_ce(k @ qg, q_h @ qh, 0.04, 0.08))
     assert torch.allclose(out["csist"], relation_ce(k_h @ qh, q @ qg, 0.08, 0.1))
     # the ablation: each student learns its own context's teacher relation, temperatures unchanged
-    within = CGHConfig(**{**cfg.__dict__, "relation_targets": "within"})
+    within = dataclasses.replace(cfg, relation_targets="within")
     out_w = cgh_losses(q, q_h, k, k_h, qg, qh, within, w_cl=0.0)
     assert torch.allclose(out_w["cl_hyper"], relation_ce(k_h @ qh, q_h @ qh, 0.04, 0.08))
     assert torch.allclose(out_w["csist"], relation_ce(k @ qg, q @ qg, 0.08, 0.1))
