@@ -61,12 +61,31 @@ def sample_pixels(field: torch.Tensor, pos: torch.Tensor, mode: str = "bilinear"
 
     Bilinear (or nearest) with border padding: a position outside the frame takes the value
     of the nearest border pixel (callers mark such positions invalid where that matters).
+    The interpolation runs in pixel coordinates, so a whole-pixel position returns the pixel's
+    value exactly; grid_sample's round trip through [-1, 1] coordinates does not (1/W is not a
+    float32 number: chained exact flows were off by ~1e-6 px). Same values as grid_sample with
+    align_corners=False and border padding otherwise.
     """
-    H, W = field.shape[-2:]
-    gx = (2.0 * pos[:, 0] + 1.0) / W - 1.0
-    gy = (2.0 * pos[:, 1] + 1.0) / H - 1.0
-    grid = torch.stack([gx, gy], dim=-1).to(field.dtype)
-    return F.grid_sample(field, grid, mode=mode, padding_mode="border", align_corners=False)
+    if mode not in ("bilinear", "nearest"):
+        raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
+    B, C, H, W = field.shape
+    x = pos[:, 0].to(field.dtype).clamp(0, W - 1)
+    y = pos[:, 1].to(field.dtype).clamp(0, H - 1)
+    flat = field.reshape(B, C, H * W)
+
+    def at(yi: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+        index = (yi * W + xi).reshape(B, 1, -1).expand(B, C, -1)
+        return flat.gather(2, index).reshape(B, C, *x.shape[1:])
+
+    if mode == "nearest":
+        return at(y.round().long(), x.round().long())
+    x0, y0 = x.floor(), y.floor()
+    wx, wy = (x - x0)[:, None], (y - y0)[:, None]
+    x0, y0 = x0.long(), y0.long()
+    x1, y1 = (x0 + 1).clamp(max=W - 1), (y0 + 1).clamp(max=H - 1)
+    top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
+    bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
+    return top * (1 - wy) + bottom * wy
 
 
 def warp_back(field: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
@@ -113,12 +132,16 @@ def fb_consistency_mask(fw: torch.Tensor, bw: torch.Tensor, alpha1: float = 0.01
 
     `bw` is the flow b->a on frame b's grid. Valid iff x + fw(x) is inside the frame and
         |fw(x) + bw(x + fw(x))|^2 <= alpha1 * (|fw(x)|^2 + |bw(x + fw(x))|^2) + alpha2.
-    units="pixels": flows in pixels, alpha2 in squared pixels (UnFlow's 0.01 / 0.5).
+    units="pixels": alpha2 in squared pixels of the frame (UnFlow's 0.01 / 0.5). A flow at a
+    reduced resolution is measured in frame pixels too: with `frame_size` (B, 2) = (W, H) of the
+    frames, dx and dy are scaled by W / w and H / h of the flow's grid (w, h) first, so a 1/8
+    flow is held to the same 0.5 px^2 as a full-resolution one (in grid pixels it would be
+    allowed 32 px^2). Without `frame_size`, the flow's grid is the frame.
     units="fork": the optical-flow PixPro fork's units: flows rescaled to [-1, 1] image
     coordinates (dx * 2/(W-1), dy * 2/(H-1)) and the constant term alpha2 / sqrt(H^2 + W^2)
     (mixed units, kept as the code has them; far more lenient than 0.5 px^2 on large frames).
-    H and W there are the frame's: `frame_size` (B, 2) = (W, H) when the flow is at a reduced
-    resolution (the fork upsampled its 1/8 flows first); default the flow's own grid.
+    H and W there are the frame's: `frame_size` when the flow is at a reduced resolution (the
+    fork upsampled its 1/8 flows first); default the flow's own grid.
     """
     if units not in MASK_UNITS:
         raise ValueError(f"units must be one of {MASK_UNITS}, got {units!r}")
@@ -134,8 +157,12 @@ def fb_consistency_mask(fw: torch.Tensor, bw: torch.Tensor, alpha1: float = 0.01
             const = alpha2 / float(np.hypot(H, W))
         else:
             const = (alpha2 / frame_size.to(fw.device).float().norm(dim=-1)).view(-1, 1, 1)
-    else:
+    elif frame_size is None:
         f, b, const = fw, bw_at, alpha2
+    else:  # grid pixels -> frame pixels
+        scale = frame_size.to(fw.device).float() / torch.tensor([float(W), float(H)], device=fw.device)
+        scale = scale.view(-1, 2, 1, 1)
+        f, b, const = fw * scale, bw_at * scale, alpha2
     err = (f + b).pow(2).sum(1)
     bound = alpha1 * (f.pow(2).sum(1) + b.pow(2).sum(1)) + const
     ok = (err <= bound) & inside_frame(fw)

@@ -47,13 +47,18 @@ class LARS(torch.optim.Optimizer):
                 trust = torch.where((p_norm > 0) & (u_norm > 0), group["eta"] * p_norm / u_norm, torch.ones_like(p_norm))
                 torch._foreach_mul_(grads, list(trust.unbind()))
             states = [self.state[p] for p in params]
-            if any("momentum_buffer" not in st for st in states):  # first step: v = u
-                for st, g in zip(states, grads):
+            # per parameter: a parameter's first update sets v = u (one whose first gradient
+            # comes late, e.g. prototypes after a freeze, must not reset the others' momentum)
+            bufs, buf_grads = [], []
+            for st, g in zip(states, grads):
+                if "momentum_buffer" in st:
+                    bufs.append(st["momentum_buffer"])
+                    buf_grads.append(g)
+                else:
                     st["momentum_buffer"] = torch.clone(g).detach()
-            else:
-                bufs = [st["momentum_buffer"] for st in states]
+            if bufs:
                 torch._foreach_mul_(bufs, group["momentum"])
-                torch._foreach_add_(bufs, grads)
+                torch._foreach_add_(bufs, buf_grads)
             torch._foreach_add_(params, [st["momentum_buffer"] for st in states], alpha=-group["lr"])
         return loss
 

@@ -14,7 +14,8 @@ target pass, once per step) and the loss are PixPro's (densessl.methods.pixpro):
 Units (`distance_units`): "normalised" (default, PixPro's: x and y divided by the frame's
 width and height) or "pixels" (the fork's: isotropic on non-square frames). Both give the same
 mask on square frames. Forward-backward check (`flow_mask_units`): "pixels" (UnFlow's
-|f + b|^2 <= a1 (|f|^2 + |b|^2) + a2 with a2 in px^2) or "fork" (the code's [-1, 1] units with
+|f + b|^2 <= a1 (|f|^2 + |b|^2) + a2 with a2 in px^2 of the frame, whatever the flow's
+resolution) or "fork" (the code's [-1, 1] units with
 a2 / sqrt(H^2 + W^2)).
 
 The batch carries "flow" and "flow_back" (B, 2, h, w) and "source_size" (B, 2); without them

@@ -11,6 +11,22 @@ def const(dx, dy, h=12, w=16):
     return torch.tensor([float(dx), float(dy)]).view(2, 1, 1).expand(2, h, w).clone()
 
 
+def test_sample_pixels_is_exact_at_whole_pixels_and_matches_grid_sample_between_them():
+    torch.manual_seed(0)
+    field = torch.randn(2, 3, 7, 40)  # W = 40: 1/W is not a float32 number
+    ys, xs = torch.meshgrid(torch.arange(7.0), torch.arange(40.0), indexing="ij")
+    whole = torch.stack([xs.flip(1), ys.flip(0)])[None].repeat(2, 1, 1, 1)
+    assert torch.equal(fl.sample_pixels(field, whole), field.flip(2, 3))
+    assert torch.equal(fl.sample_pixels(field, whole, "nearest"), field.flip(2, 3))
+    pos = torch.rand(2, 2, 5, 6) * torch.tensor([46.0, 11.0]).view(1, 2, 1, 1) - 3.0  # some outside: border
+    grid = torch.stack([(2 * pos[:, 0] + 1) / 40 - 1, (2 * pos[:, 1] + 1) / 7 - 1], -1)
+    ref = torch.nn.functional.grid_sample(field, grid, padding_mode="border", align_corners=False)
+    assert torch.allclose(fl.sample_pixels(field, pos), ref, atol=1e-5)
+    # a hand value: a quarter of the way from pixel (x=2, y=1) to (x=3, y=1)
+    assert torch.allclose(fl.sample_pixels(field[:1], torch.tensor([2.25, 1.0]).view(1, 2, 1, 1))[0, :, 0, 0],
+                          0.75 * field[0, :, 1, 2] + 0.25 * field[0, :, 1, 3])
+
+
 def test_chain_of_two_constant_translations_is_their_sum():
     out = fl.chain_flows([const(1.5, -2.0), const(-0.25, 3.0)])
     assert torch.allclose(out, const(1.25, 1.0))
@@ -46,6 +62,23 @@ def test_forward_backward_mask_drops_pixels_that_leave_the_frame():
     big = fl.fb_consistency_mask(const(10, 0, 40, 40), const(-11, 0, 40, 40))  # 1 <= 0.01 * 221 + 0.5
     small = fl.fb_consistency_mask(const(1, 0, 40, 40), const(-2, 0, 40, 40))  # 1 > 0.01 * 5 + 0.5
     assert big[:, :29].all() and not small.any()
+
+
+def test_pixel_units_are_frame_pixels_whatever_the_flow_resolution():
+    """A 1/8 flow of a 64 x 64 frame whose forward and backward parts disagree by 0.5 grid px:
+    in grid pixels 0.25 <= 0.01 * (4 + 2.25) + 0.5 would pass; in frame pixels (x 8) the check
+    is 16 > 0.01 * (256 + 144) + 0.5 = 4.5, and fails, as it does on the upsampled flows."""
+    f, b = const(2, 0, 8, 8), const(-1.5, 0, 8, 8)  # 1/8 of a 64 x 64 frame
+    frame = torch.tensor([[64.0, 64.0]])
+    assert fl.fb_consistency_mask(f, b)[:, :6].all()  # no frame size: the grid is the frame
+    assert not fl.fb_consistency_mask(f[None], b[None], frame_size=frame).any()
+    # the same decision as the check on the flows upsampled to the frame (values x 8)
+    up_f, up_b = fl.resize_flow(f, (64, 64)), fl.resize_flow(b, (64, 64))
+    assert not fl.fb_consistency_mask(up_f, up_b).any()
+    # and an error small in frame pixels passes at any resolution: 0.05 grid px = 0.4 frame px
+    f2, b2 = const(2, 0, 8, 8), const(-1.95, 0, 8, 8)
+    assert fl.fb_consistency_mask(f2[None], b2[None], frame_size=frame)[0, :, :6].all()
+    assert fl.fb_consistency_mask(fl.resize_flow(f2, (64, 64)), fl.resize_flow(b2, (64, 64)))[:, :48].all()
 
 
 def test_fork_units_are_more_lenient_on_large_frames():

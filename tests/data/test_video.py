@@ -145,7 +145,8 @@ def test_moving_scenes_chained_flow_equals_the_direct_flow_where_visible():
         ys, xs = torch.nonzero(vis1, as_tuple=True)
         ok = c["visible_fw"][1][ys + f1[1, ys, xs].long(), xs + f1[0, ys, xs].long()]
         ys, xs = ys[ok], xs[ok]
-        assert torch.allclose(chained[:, ys, xs], direct["flow_fw"][0][:, ys, xs])
+        # whole-pixel flows sampled at whole pixels: the chain is exact, not approximately equal
+        assert len(ys) > 500 and torch.equal(chained[:, ys, xs], direct["flow_fw"][0][:, ys, xs])
 
 
 def test_moving_scene_frames_for_segmentation():
