@@ -6,12 +6,15 @@ import sys
 
 
 def cmd_pretrain(args) -> int:
+    from pathlib import Path
+
     from densessl.config import build_config
-    from densessl.engine.distributed import shutdown_distributed
+    from densessl.engine.distributed import rank_failures_reported, shutdown_distributed
     from densessl.engine.trainer import Trainer
 
     cfg = build_config(args.recipe, args.overrides)
-    result = Trainer(cfg).fit()
+    with rank_failures_reported(Path(cfg.run_dir) / "checkpoints" / "last.pt"):  # under torchrun: a lost rank
+        result = Trainer(cfg).fit()
     shutdown_distributed()  # on success only: a failing rank must not wait at a barrier
     print(f"done: step {result['step']}, checkpoint {result['checkpoint']}")
     return 0
@@ -64,6 +67,12 @@ def cmd_eval_segmentation(args) -> int:
     return run_cli(args.checkpoint, args.overrides)
 
 
+def cmd_eval_dense(args) -> int:
+    from densessl.eval.dense.run import run_cli
+
+    return run_cli(args.checkpoint, args.overrides, args.protocol)
+
+
 def cmd_export(args) -> int:
     from densessl.interop import DETECTRON2_CONFIG, export_backbone, load_any_backbone
 
@@ -92,7 +101,10 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from densessl import __version__
+
     parser = argparse.ArgumentParser(prog="densessl", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"densessl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pretrain a backbone from a recipe (resumes a run folder by itself)")
@@ -119,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("overrides", nargs="*", help="key=value overrides, e.g. preset=scenes iterations=200 "
                        "data.dataset=voc data.root=... (see docs/interop.md)")
         q.set_defaults(func=func)
+    for name, help_ in [("dense", "the four frozen dense probes below on one dense feature extraction"),
+                        ("retrieval", "dense retrieval (Hummingbird): kNN label transfer of patches, mIoU"),
+                        ("linear-seg", "BN + 1x1 conv on frozen stage maps, lr chosen on train; mIoU, fg mIoU"),
+                        ("overcluster", "k-means on frozen patches, Hungarian and many-to-one matching; mIoU"),
+                        ("region", "RoIAlign features at ground-truth boxes, linear + kNN; accuracy by size")]:
+        q = ev_sub.add_parser(name, help=help_)
+        q.add_argument("checkpoint", help="a densessl checkpoint, or the word 'random'")
+        q.add_argument("overrides", nargs="*", help="e.g. preset=scenes|paper random_init_seed=1 retrieval.k=30 "
+                       "seg.epochs=20 data.dataset=voc data.root=... (see docs/dense-eval.md)")
+        q.set_defaults(func=cmd_eval_dense)
 
     from densessl.interop import EXPORT_FORMATS, LAYOUTS
 
@@ -158,16 +180,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(e: BaseException) -> str:
+    """The one-line message of a user error. An error raised in a DataLoader worker comes back
+    re-raised with the worker's traceback in its message ("Caught X in DataLoader worker ...");
+    its own message is the traceback's last line."""
+    text = str(e)
+    if text.startswith("Caught ") and "DataLoader worker" in text.partition("\n")[0]:
+        last = text.rstrip().rpartition("\n")[2]
+        prefix = f"{type(e).__module__}.{type(e).__qualname__}: "
+        text = last[len(prefix):] if last.startswith(prefix) else last
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from densessl.config import ConfigError
+    from densessl.data.imagefolder import ImageReadError
     from densessl.data.voc import AnnotationError
     from densessl.engine.checkpoint import CheckpointError
 
     try:
         return args.func(args) or 0
-    except (ConfigError, CheckpointError, AnnotationError) as e:
-        print(f"densessl: error: {e}", file=sys.stderr)
+    except (ConfigError, CheckpointError, AnnotationError, ImageReadError) as e:
+        print(f"densessl: error: {error_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -27,6 +27,17 @@ class ConfigError(ValueError):
     pass
 
 
+def require_extra(module: str, extra: str, purpose: str):
+    """Import an optional dependency, or fail with one line naming the extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(f"{purpose} needs the Python package {module.split('.')[0]!r}, which is not installed; "
+                          f"pip install 'densessl[{extra}]'") from e
+
+
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -65,7 +76,12 @@ class DataConfig:
     size: Optional[int] = 64  # fashion_scenes canvas side; imagefolder: resize+centre-crop side (null keeps)
     seed: int = 0
     num_workers: int = 2
-    on_error: str = "raise"  # imagefolder: raise | skip unreadable images
+    on_error: str = "raise"  # imagefolder: raise | skip unreadable images (and those below min_side), counted
+    # imagefolder: an image whose shorter side is below this many px is unusable (on_error decides:
+    # an error naming it, or skipped and counted with the unreadable ones). 16: below it an image
+    # holds less than one C5 cell of resnet18_small (stride 16) and every crop is an upsampled
+    # smear of a few pixels (1x1, 1-px-wide strips); icons and thumbnails start at 16 px.
+    min_side: int = 16
     style: str = "textured"  # fashion_scenes backgrounds and tints: textured | uniform | plain
 
 
@@ -73,6 +89,22 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet18_small"
     width: Optional[int] = None
+
+
+@dataclass
+class EvalBackboneConfig:
+    """The backbone keys every `densessl eval` protocol takes (frozen probes, VOC/COCO multi-label,
+    detection, segmentation): each protocol's config derives from this one, so
+    `random_init_seed=n` means the same weights everywhere. Protocols may change the defaults."""
+    model: ModelConfig = field(default_factory=ModelConfig)  # the `random` baseline's architecture
+    seed: int = 0  # the protocol's seed (probe / head init, data order)
+    # the `random` baseline's weights (None: `seed`); the protocol keeps `seed`. A pretraining run
+    # with train.seed=n starts from exactly the weights of random_init_seed=n: its own baseline.
+    random_init_seed: Optional[int] = None
+
+    def init_seed(self) -> int:
+        """The seed of the `random` baseline's weights."""
+        return self.seed if self.random_init_seed is None else self.random_init_seed
 
 
 @dataclass
@@ -98,6 +130,9 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: Optional[bool] = None  # None: auto (on; measured faster on CPU and GPU)
     sync_bn: bool = True  # only used when world size > 1
+    # seconds a rank waits in a collective for the others before it stops with an error (a rank that
+    # hangs); longer than any rank-0-only pause (checkpoint write, kNN monitor). torch's gloo default: 30 min
+    dist_timeout_s: float = 600.0
     log_every: int = 10
     ckpt_every: int = 100  # steps between `last` checkpoints
     keep_every: int = 0  # steps between kept periodic checkpoints (0: none)

@@ -44,3 +44,10 @@ def assert_momentum_end_moves_target_halfway(method) -> None:
     method.after_step(10, 10)
     assert method.momentum == 0.5
     assert torch.allclose(method.target_backbone.conv1.weight, 0.5 * old + 0.5 * method.backbone.conv1.weight)
+
+
+def pytest_report_header(config):
+    from densessl.data.fashion_mnist import load_fashion_mnist
+
+    data = load_fashion_mnist()
+    return f"Fashion-MNIST: {data.source} ({len(data)} items)"

@@ -64,3 +64,102 @@ def test_eval_frozen_gives_the_numbers_of_the_three_separate_protocols(tmp_path,
         assert frozen[protocol][key] == alone[protocol][key]
     printed = capsys.readouterr().out
     assert all(k in printed for k in ("knn_top1", "linear_top1", "multilabel_mAP"))
+
+
+# ---------------------------------------------------------------- user errors: one line, no traceback
+
+
+def _images(folder, names, size=(20, 20)):
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, name in enumerate(names):
+        pixels = np.random.default_rng(k).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / name)
+    return folder
+
+
+def test_unreadable_image_in_a_loader_worker_is_one_line_naming_the_file_and_the_key(tmp_path):
+    import subprocess
+
+    from conftest import TINY, cli_command, subprocess_env
+
+    root = _images(tmp_path / "imgs", ["a0.png", "a1.png", "a2.png"])
+    (root / "z_bad.png").write_bytes(b"not an image")  # last in sorted order; every batch of 4 holds it
+    proc = subprocess.run(cli_command("pretrain", "byol-scenes", *TINY, "data.dataset=imagefolder",
+                                      f"data.root={root}", "data.num_workers=1", "train.batch_size=4",
+                                      "train.epochs=1", "train.online_probe=false", f"run_dir={tmp_path / 'run'}"),
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("densessl: error: could not decode image ")
+    assert str(root / "z_bad.png") in lines[0] and "set data.on_error=skip" in lines[0]
+
+
+def test_dataset_smaller_than_the_batch_is_one_line_naming_sizes_and_key(tmp_path, capsys):
+    from conftest import TINY
+
+    root = _images(tmp_path / "imgs", ["a.png", "b.png", "c.png"])
+    code = main(["pretrain", "byol-scenes", *TINY, "data.dataset=imagefolder", f"data.root={root}",
+                 "train.batch_size=8", f"run_dir={tmp_path / 'run'}"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"densessl: error: the training data (data.dataset=imagefolder data.root={root}) has 3 samples, "
+                   f"fewer than one batch of train.batch_size=8; set train.batch_size=3 or lower"]
+
+
+def test_error_line_recovers_the_message_of_an_error_raised_in_a_worker():
+    from densessl.cli import error_line
+    from densessl.data.imagefolder import ImageReadError
+
+    wrapped = ImageReadError("Caught ImageReadError in DataLoader worker process 0.\nOriginal Traceback (most "
+                             "recent call last):\n  File \"x.py\", line 1, in f\n    g()\n"
+                             "densessl.data.imagefolder.ImageReadError: could not decode image 'a.png' (x)\n")
+    assert error_line(wrapped) == "could not decode image 'a.png' (x)"
+    assert error_line(ImageReadError("first\n  second")) == "first second"
+
+
+def test_every_eval_protocol_takes_random_init_seed_with_the_same_weights(tmp_path, monkeypatch):
+    """`densessl eval <protocol> random random_init_seed=3` for each protocol: the same key is
+    accepted and the random baseline gets the same initial weights (the backbone is captured
+    as it is built, and the run stopped there)."""
+    import pytest
+
+    import densessl.eval.protocols
+    import densessl.models.backbones
+    from densessl.data.export import export_voc
+    from densessl.data.scenes import FashionScenes
+
+    real = densessl.models.backbones.build_backbone
+    built = []
+
+    class Built(Exception):
+        pass
+
+    def spy(*args, **kwargs):
+        backbone = real(*args, **kwargs)
+        built.append({k: v.clone() for k, v in backbone.state_dict().items()})
+        raise Built
+
+    monkeypatch.setattr(densessl.models.backbones, "build_backbone", spy)
+    monkeypatch.setattr(densessl.eval.protocols, "build_backbone", spy)
+    voc = tmp_path / "voc"
+    for split in ("trainval", "test"):
+        export_voc(FashionScenes("val", num_scenes=2, size=32, seed=1), voc, split, image_ext="png")
+    model = ["model.backbone=resnet18_small", "model.width=8"]
+    scenes = ["data.num_train=2", "data.num_val=2", "data.size=32"]
+    runs = {"knn": [], "linear": [], "multilabel": [], "frozen": [],
+            "multilabel-voc": ["data.dataset=voc", f"data.root={voc}"], "detection": scenes, "segmentation": scenes}
+    for name, extra in runs.items():
+        protocol = name.partition("-")[0]
+        with pytest.raises(Built):
+            main(["eval", protocol, "random", *model, *extra, "random_init_seed=3", f"out={tmp_path / name}.json"])
+    assert len(built) == len(runs)
+    for weights in built[1:]:
+        assert weights.keys() == built[0].keys() and all(torch.equal(weights[k], built[0][k]) for k in weights)
+    with pytest.raises(Built):
+        main(["eval", "detection", "random", *model, *scenes, "random_init_seed=4"])
+    assert not torch.equal(built[-1]["conv1.weight"], built[0]["conv1.weight"])

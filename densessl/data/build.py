@@ -25,10 +25,19 @@ def build_dataset(data_cfg, split: str = "train", with_masks: bool = False, sing
         return FashionScenes(split=split, num_scenes=n, size=data_cfg.size, seed=data_cfg.seed,
                              root=data_cfg.root, with_masks=with_masks, style=data_cfg.style)
     if data_cfg.dataset == "imagefolder":
+        from densessl.config import ConfigError
         from densessl.data.imagefolder import ImageFolder
 
         if not data_cfg.root:
-            raise ValueError("data.dataset=imagefolder needs data.root=<folder of images>")
-        return ImageFolder(data_cfg.root, on_error=data_cfg.on_error, size=data_cfg.size)
+            raise ConfigError("data.dataset=imagefolder needs data.root=<folder of images>")
+        if data_cfg.on_error not in ("raise", "skip"):
+            raise ConfigError(f"data.on_error={data_cfg.on_error!r}; expected raise or skip")
+        if data_cfg.min_side < 1:
+            raise ConfigError(f"data.min_side={data_cfg.min_side}; expected a side in px >= 1 (1: no check)")
+        try:
+            return ImageFolder(data_cfg.root, on_error=data_cfg.on_error, size=data_cfg.size,
+                               min_side=data_cfg.min_side)
+        except FileNotFoundError as e:  # no such folder, or no usable image in it
+            raise ConfigError(f"data.root={data_cfg.root}: {e}") from None
     raise ValueError(f"data.dataset={data_cfg.dataset!r}; expected fashion_scenes, imagefolder, moving_scenes "
                      f"or video_frames")

@@ -113,7 +113,9 @@ def validate_coco(data, path) -> None:
 
 def coco_from_dict(data: dict):
     """A pycocotools COCO object built from an (already validated) dict, without printing."""
-    from pycocotools.coco import COCO
+    from densessl.config import require_extra
+
+    COCO = require_extra("pycocotools.coco", "coco", "reading COCO annotations").COCO
 
     coco = COCO()
     coco.dataset = data

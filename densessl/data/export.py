@@ -200,7 +200,9 @@ def export_coco(
     count, ``iscrowd`` 0 and the mask as compressed RLE. Returns
     ``{"out_dir", "annotations", "images", "objects"}``.
     """
-    from pycocotools import mask as mask_utils
+    from densessl.config import require_extra
+
+    mask_utils = require_extra("pycocotools.mask", "coco", "COCO export (RLE masks)")
 
     ext = _check_ext(image_ext)
     n = _count(dataset, num)

@@ -3,7 +3,9 @@
 Search order of :func:`load_fashion_mnist`:
 
 1. ``root`` when given (a folder holding the four ``*-ubyte.gz`` files);
-2. the folder named by the environment variable ``DENSESSL_FASHION_MNIST``;
+2. the folder named by the environment variable ``DENSESSL_FASHION_MNIST``; its value
+   ``shipped`` selects the shipped split (4.) whatever the machine has: a fresh machine's
+   configuration, which CI tests in;
 3. ``/usr/share/datasets/fashion-mnist`` (Debian's package) when it holds all four files;
 4. the t10k split shipped inside the package (``densessl/data/assets``, 10 000 items).
 
@@ -34,6 +36,7 @@ CLASSES: tuple[str, ...] = (
 )
 
 ENV_VAR = "DENSESSL_FASHION_MNIST"
+SHIPPED = "shipped"  # DENSESSL_FASHION_MNIST=shipped: only the 10k split inside the package
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
@@ -177,11 +180,11 @@ def load_fashion_mnist(root: str | os.PathLike | None = None) -> FashionMNIST:
         _check_folder(folder, ALL_FILES, "Fashion-MNIST root")
         return _load_folder(folder, ALL_FILES, str(folder))
     env = os.environ.get(ENV_VAR)
-    if env:
+    if env and env != SHIPPED:
         folder = Path(env).expanduser().resolve()
         _check_folder(folder, ALL_FILES, f"${ENV_VAR} =")
         return _load_folder(folder, ALL_FILES, str(folder))
-    if all((SYSTEM_DIR / n).is_file() for n in ALL_FILES):
+    if env != SHIPPED and all((SYSTEM_DIR / n).is_file() for n in ALL_FILES):
         folder = SYSTEM_DIR.resolve()
         return _load_folder(folder, ALL_FILES, str(folder))
     _check_folder(ASSETS_DIR, TEST_FILES, "densessl's asset folder")

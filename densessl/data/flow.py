@@ -233,7 +233,9 @@ class OpenCVFlow(FlowModel):
     PRESETS = {"ultrafast": 0, "fast": 1, "medium": 2}
 
     def __init__(self, method: str = "dis", preset: str = "medium", farneback: Optional[dict] = None):
-        import cv2
+        from densessl.config import require_extra
+
+        cv2 = require_extra("cv2", "video", "OpenCV optical flow")
 
         if method not in ("dis", "farneback"):
             raise ValueError(f"OpenCV flow method must be 'dis' or 'farneback', got {method!r}")

@@ -35,23 +35,28 @@ class ImageFolder(Dataset):
     CMYK ...). With `size`, the shorter side is resized to `size` (bilinear, antialiased) and
     the centre `size` x `size` crop is kept, so items can be batched.
 
-    Unreadable files (corrupt, truncated, not an image):
+    Unreadable files (corrupt, truncated, not an image), and images whose shorter side is below
+    `min_side` px (a 1x1 or 1-px-wide image would be upsampled into a smear; default 1: no
+    check, the config's `data.min_side` sets 16):
       - `on_error="raise"` (default): reading one raises `ImageReadError` (a ValueError) naming
         the file, when that item is loaded.
       - `on_error="skip"`: every file is decoded once at construction (full decode, so
-        truncated files are caught; this costs one pass over the data), the unreadable ones are
-        dropped, their paths are kept in `self.skipped` and one warning gives the count.
+        truncated files are caught; this costs one pass over the data), the unreadable and the
+        too-small ones are dropped, their paths are kept in `self.skipped` (unreadable) and
+        `self.too_small` (below `min_side`), and one warning gives the counts.
     An empty folder, or one with no image of the accepted extensions, raises FileNotFoundError.
     """
 
     def __init__(self, root: str | os.PathLike, labelled: bool | None = None, on_error: str = "raise",
-                 size: int | None = None):
+                 size: int | None = None, min_side: int = 1):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if size is not None and (not isinstance(size, int) or size < 1):
             raise ValueError(f"size must be a positive int or None, got {size!r}")
+        if not isinstance(min_side, int) or min_side < 1:
+            raise ValueError(f"min_side must be a positive int, got {min_side!r}")
         self.root = os.fspath(root)
-        self.on_error, self.size = on_error, size
+        self.on_error, self.size, self.min_side = on_error, size, min_side
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"image folder {self.root!r} does not exist or is not a directory")
 
@@ -85,18 +90,28 @@ class ImageFolder(Dataset):
                 raise FileNotFoundError(f"no images in {self.root!r} (searched recursively for the accepted "
                                         f"extensions {list(IMAGE_EXTENSIONS)})")
 
-        self.skipped: list[str] = []
+        self.skipped: list[str] = []  # unreadable (on_error="skip")
+        self.too_small: list[str] = []  # shorter side below min_side (on_error="skip")
         if on_error == "skip":
             with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-                ok = list(pool.map(_readable, [p for p, _ in samples]))
-            self.skipped = [p for (p, _), good in zip(samples, ok) if not good]
-            samples = [s for s, good in zip(samples, ok) if good]
+                sizes = list(pool.map(_decoded_size, [p for p, _ in samples]))
+            self.skipped = [p for (p, _), wh in zip(samples, sizes) if wh is None]
+            small = [(p, wh) for (p, _), wh in zip(samples, sizes) if wh is not None and min(wh) < min_side]
+            self.too_small = [p for p, _ in small]
+            samples = [s for s, wh in zip(samples, sizes) if wh is not None and min(wh) >= min_side]
+            report = []
             if self.skipped:
-                warnings.warn(f"ImageFolder {self.root!r}: skipped {len(self.skipped)} unreadable image(s) "
-                              f"(e.g. {self.skipped[0]!r}); their paths are in .skipped", stacklevel=2)
+                report.append(f"skipped {len(self.skipped)} unreadable image(s) (e.g. {self.skipped[0]!r}); "
+                              f"their paths are in .skipped")
+            if small:
+                (p, (w, h)) = small[0]
+                report.append(f"skipped {len(small)} image(s) whose shorter side is below min_side={min_side} px "
+                              f"(e.g. {p!r}, {w}x{h}); their paths are in .too_small")
+            if report:
+                warnings.warn(f"ImageFolder {self.root!r}: " + "; ".join(report), stacklevel=2)
             if not samples:
-                raise FileNotFoundError(f"no readable images in {self.root!r}: all {len(self.skipped)} failed "
-                                        f"to decode")
+                raise FileNotFoundError(f"no usable images in {self.root!r}: {len(self.skipped)} failed to decode, "
+                                        f"{len(small)} have a shorter side below min_side={min_side} px")
         self.samples = samples
         self.targets = [label for _, label in samples]
 
@@ -106,6 +121,12 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int) -> dict:
         path, label = self.samples[index]
         image = read_image_rgb(path)
+        if min(image.shape[1:]) < self.min_side:
+            raise ImageReadError(
+                f"image {path!r} is {image.shape[2]}x{image.shape[1]} px, its shorter side below data.min_side="
+                f"{self.min_side} px (it would be upsampled into a smear); to skip such images, set "
+                f"data.on_error=skip, or lower data.min_side (in Python: ImageFolder(..., on_error='skip', "
+                f"min_side=...))")
         if self.size is not None:
             image = TF.center_crop(TF.resize(image, self.size, antialias=True), [self.size, self.size])
         item = {"image": image, "path": path}
@@ -121,17 +142,19 @@ def read_image_rgb(path: str) -> torch.Tensor:
             img.load()
             array = np.asarray(img.convert("RGB"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ImageReadError(f"could not decode image {path!r} ({type(err).__name__}: {err}); to drop "
-                             f"unreadable files, construct the dataset with on_error='skip'") from err
+        raise ImageReadError(f"could not decode image {path!r} ({type(err).__name__}: {err}); to skip "
+                             f"unreadable images, set data.on_error=skip (in Python: ImageFolder(..., "
+                             f"on_error='skip'))") from err
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-def _readable(path: str) -> bool:
+def _decoded_size(path: str) -> tuple[int, int] | None:
+    """(width, height) of a fully decoded image, or None when it cannot be decoded."""
     try:
-        read_image_rgb(path)
-        return True
+        image = read_image_rgb(path)
     except ImageReadError:
-        return False
+        return None
+    return int(image.shape[2]), int(image.shape[1])
 
 
 def _is_image(name: str) -> bool:

@@ -37,6 +37,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from densessl.config import require_extra
 from densessl.data import flow as flowlib
 from densessl.data.scenes import (MASK_THRESHOLD, NUM_CLASSES, OPACITY_GAIN, SHADE_MIN, _FashionCanvas,
                                   _pick_colour, make_background)
@@ -176,7 +177,7 @@ def _read_frame(path: Path) -> torch.Tensor:
 
 
 def _video_file_length(path: Path) -> int:
-    import cv2
+    cv2 = require_extra("cv2", "video", "reading video files")
 
     cap = cv2.VideoCapture(str(path))
     try:
@@ -191,7 +192,7 @@ def _video_file_length(path: Path) -> int:
 
 
 def _read_video_frames(path: Path, ids: list[int]) -> list[torch.Tensor]:
-    import cv2
+    cv2 = require_extra("cv2", "video", "reading video files")
 
     cap = cv2.VideoCapture(str(path))
     try:

@@ -10,8 +10,18 @@ Layout under ``root`` (a ``VOCdevkit/VOC2007``-style folder, or one written by
     SegmentationClass/<id>.png            palette PNG: index = class (0 background), 255 = ignore
     labels.txt                            (optional) class names, one per line
 
-Class names: ``classes=None`` reads ``labels.txt`` when the folder has one (densessl exports
-write it) and otherwise uses the 20 Pascal VOC classes in their usual order.
+Class names (label order), the first that applies:
+
+1. ``classes=[...]`` given (the CLI's ``data.classes=[...]``); an object with another name is an
+   error naming the XML file and the name;
+2. ``labels.txt`` in the folder (densessl exports write it);
+3. detection / multi-label only: the names in ``Annotations/*.xml`` (every file, so all splits
+   agree): the 20 Pascal VOC classes in their usual order when every name is one of them,
+   else the names found, sorted (a folder written by LabelImg or CVAT with its own classes);
+4. the 20 Pascal VOC classes.
+
+Segmentation does not infer names from the XML files: its PNG indices follow the labelling
+tool's own order, which the names in the annotations do not tell.
 
 Boxes: VOC stores 1-based inclusive pixel corners; items hold 0-based xyxy boxes with x2, y2
 exclusive (the box covers pixels x1..x2-1), i.e. ``x1 = xmin - 1, y1 = ymin - 1, x2 = xmax,
@@ -61,21 +71,50 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-def resolve_classes(root: str | os.PathLike, classes=None) -> tuple[str, ...]:
-    """Class names: the given ones, else ``root/labels.txt``, else the 20 VOC classes."""
+def resolve_classes(root: str | os.PathLike, classes=None, infer: bool = True) -> tuple[str, ...]:
+    """Class names: the given ones, else ``root/labels.txt``, else (``infer``) those of the
+    annotations, else the 20 VOC classes (see the module notes)."""
+    return resolve_classes_and_source(root, classes, infer)[0]
+
+
+def resolve_classes_and_source(root: str | os.PathLike, classes=None, infer: bool = True
+                               ) -> tuple[tuple[str, ...], str]:
+    """(class names, where they came from, in words) -- see :func:`resolve_classes`."""
+    labels = Path(root) / "labels.txt"
     if classes is not None:
-        classes = tuple(str(c) for c in classes)
-    else:
-        labels = Path(root) / "labels.txt"
-        if labels.is_file():
-            classes = tuple(line.strip() for line in labels.read_text().splitlines() if line.strip())
-            if not classes:
-                raise AnnotationError(f"{labels}: no class names (one per line expected)")
+        classes, source = tuple(str(c).strip() for c in classes), "data.classes"
+        if not classes or not all(classes):
+            raise AnnotationError(f"data.classes={list(classes)}: expected a non-empty list of class names")
+    elif labels.is_file():
+        classes, source = tuple(line.strip() for line in labels.read_text().splitlines() if line.strip()), str(labels)
+        if not classes:
+            raise AnnotationError(f"{labels}: no class names (one per line expected)")
+    elif infer and (found := annotation_class_names(root)):
+        names, n_files = found
+        if set(names) <= set(VOC_CLASSES):
+            classes, source = VOC_CLASSES, f"Pascal VOC's 20 classes (every name in {n_files} annotation files is one)"
         else:
-            classes = VOC_CLASSES
+            classes, source = names, f"the names in {n_files} annotation files of {Path(root) / 'Annotations'}, sorted"
+    else:
+        classes, source = VOC_CLASSES, "Pascal VOC's 20 classes (no labels.txt)"
     if len(set(classes)) != len(classes):
-        raise AnnotationError(f"class names are not unique: {list(classes)}")
-    return classes
+        raise AnnotationError(f"class names from {source} are not unique: {list(classes)}")
+    return classes, source
+
+
+def annotation_class_names(root: str | os.PathLike) -> tuple[tuple[str, ...], int] | None:
+    """(sorted object names in ``root/Annotations/*.xml``, number of files), or None when there
+    are no annotation files or they name no object."""
+    files = sorted((Path(root) / "Annotations").glob("*.xml"))
+    names: set[str] = set()
+    for path in files:
+        try:
+            tree = ET.parse(path)
+        except ET.ParseError as e:
+            raise AnnotationError(f"{path}: not valid XML ({e})") from None
+        found = (obj.findtext("name") for obj in tree.getroot().iter("object"))
+        names.update(n.strip() for n in found if n and n.strip())
+    return (tuple(sorted(names)), len(files)) if names else None
 
 
 def read_split(root: str | os.PathLike, split: str, kind: str = "Main") -> list[str]:
@@ -100,8 +139,9 @@ def _number(text: str | None, path, where: str) -> float:
         raise AnnotationError(f"{path}: {where} is not a number: {text.strip()!r}") from None
 
 
-def parse_voc_xml(path: str | os.PathLike, class_to_idx: dict[str, int]) -> dict:
-    """Objects of one VOC annotation file.
+def parse_voc_xml(path: str | os.PathLike, class_to_idx: dict[str, int], classes_source: str = "") -> dict:
+    """Objects of one VOC annotation file (``classes_source``: where ``class_to_idx`` came from,
+    named in the error for an unknown class name).
 
     Returns ``{"boxes": float32 (n,4) 0-based xyxy (x2, y2 exclusive), "classes": int64 (n,),
     "difficult": bool (n,), "filename": str or None, "size": (width, height) or None}``.
@@ -122,8 +162,15 @@ def parse_voc_xml(path: str | os.PathLike, class_to_idx: dict[str, int]) -> dict
             raise AnnotationError(f"{path}: object {k} has no <name>")
         name = name.strip()
         if name not in class_to_idx:
+            fix = ""
+            if classes_source == "data.classes":
+                fix = "; add it to data.classes, or leave data.classes out to infer the classes from the annotations"
+            elif classes_source.endswith("labels.txt"):
+                fix = f"; add it to {classes_source}, or give all the names with data.classes=[...]"
+            elif classes_source:
+                fix = f" from {classes_source}; give all the names with data.classes=[...]"
             raise AnnotationError(f"{path}: object {k}: unknown class name {name!r} "
-                                  f"(known: {', '.join(class_to_idx)})")
+                                  f"(known: {', '.join(class_to_idx)}){fix}")
         what = f"object {k} ({name!r})"
         d = obj.findtext("difficult")
         if d is None or not d.strip():
@@ -203,12 +250,12 @@ class VOCDetection(Dataset):
         if not self.root.is_dir():
             raise AnnotationError(f"{self.root}: VOC root folder not found")
         self.split = split
-        self.classes = resolve_classes(self.root, classes)
+        self.classes, self.classes_source = resolve_classes_and_source(self.root, classes)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.ids = read_split(self.root, split, "Main")
         self.load_images = load_images
-        self.annotations = [parse_voc_xml(self.root / "Annotations" / f"{sid}.xml", self.class_to_idx)
-                            for sid in self.ids]
+        self.annotations = [parse_voc_xml(self.root / "Annotations" / f"{sid}.xml", self.class_to_idx,
+                                          self.classes_source) for sid in self.ids]
 
     @property
     def num_classes(self) -> int:
@@ -282,7 +329,8 @@ def read_segmentation_png(path: str | os.PathLike, num_classes: int | None = Non
         bad = (mask >= num_classes) & (mask != IGNORE_INDEX)
         if bad.any():
             raise AnnotationError(f"{path}: class index {int(mask[bad][0])} out of range for {num_classes} "
-                                  f"classes (0..{num_classes - 1}, {IGNORE_INDEX} = ignore)")
+                                  f"classes (0..{num_classes - 1}, {IGNORE_INDEX} = ignore); name the classes in "
+                                  f"labels.txt or with data.classes=[...] (background not included)")
     return mask
 
 
@@ -299,7 +347,7 @@ class VOCSegmentation(Dataset):
         if not self.root.is_dir():
             raise AnnotationError(f"{self.root}: VOC root folder not found")
         self.split = split
-        self.classes = resolve_classes(self.root, classes)
+        self.classes, self.classes_source = resolve_classes_and_source(self.root, classes, infer=False)
         self.ids = read_split(self.root, split, "Segmentation")
         self.mask_dir = self.root / mask_dir
         if not self.mask_dir.is_dir():

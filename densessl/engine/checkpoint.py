@@ -8,6 +8,8 @@ foreign file can never run code.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from pathlib import Path
 
@@ -20,21 +22,62 @@ class CheckpointError(ValueError):
     pass
 
 
+# the temporary a save writes before its rename: .<name>.tmp<pid>
+TMP_MARK = ".tmp"
+
+
 def save_atomic(obj, path: str | Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A kill at any moment leaves `path` as it was (at worst a partial temporary, which
+    `remove_partial_writes` clears); a failed write removes its temporary and, when the device is
+    full or unwritable, raises a CheckpointError that names `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        cause = _os_error(e) if isinstance(e, Exception) else None
+        if cause is None:
+            raise
+        kept = f"; {path} was left as it was" if path.exists() else ""
+        if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(f"cannot write checkpoint {path}: the device is full ({cause.strerror}){kept}; "
+                                  f"free space and rerun the same command to resume") from e
+        raise CheckpointError(f"cannot write checkpoint {path}: {cause.strerror or cause}{kept}") from e
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind `e`, if any: a full disk inside torch.save surfaces as torch's
+    RuntimeError ("unexpected pos ...") raised while handling the OSError of the write."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def remove_partial_writes(folder: str | Path) -> list[Path]:
+    """Delete the temporaries of saves that never finished (a process killed mid-write)."""
+    folder = Path(folder)
+    stale = sorted(folder.glob(f".*{TMP_MARK}*")) if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: str | Path) -> dict:

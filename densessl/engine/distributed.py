@@ -7,9 +7,15 @@ parameters from the same seeded generator and keeps its slice.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import re
+import signal
+import sys
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -36,8 +42,11 @@ def pick_device(pref: str) -> torch.device:
     return torch.device(pref)
 
 
-def init_distributed(device_pref: str = "auto") -> DistInfo:
-    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); a plain run is rank 0 of 1."""
+def init_distributed(device_pref: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); a plain run is rank 0 of 1.
+
+    A collective that waits more than `timeout_s` for another rank (one that hangs) raises,
+    instead of blocking for torch's default 30 minutes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(device_pref)
     if world == 1:
@@ -47,7 +56,8 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=timeout_s))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
@@ -147,3 +157,64 @@ def shutdown_distributed() -> None:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+# what gloo and NCCL say when a peer died (its sockets closed) or did not answer in time
+_LOST_PEER = re.compile(r"gloo|NCCL|ProcessGroup|Connection (reset|closed) by peer|Broken pipe")
+
+
+def lost_rank_message(e: BaseException, last_checkpoint: Path) -> str | None:
+    """One line for a collective that failed because another rank died or hung; None for any
+    other error (or a single-process run)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or not isinstance(e, RuntimeError):
+        return None
+    text = str(e).strip()
+    if not (isinstance(e, dist.DistError) or _LOST_PEER.search(text)):
+        return None
+    first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(e).__name__)
+    first = first.split(" This is typically", 1)[0][:200].rstrip(". ")
+    return (f"rank {os.environ.get('RANK', '?')}: lost contact with another rank ({first}): a rank died or hung "
+            f"(torchrun's report gives every rank's exit); {_resume_hint(last_checkpoint)}")
+
+
+def _resume_hint(last: Path) -> str:
+    return (f"rerun the same command to resume from {last}" if last.exists()
+            else "no checkpoint had been written yet, so a rerun starts from the beginning")
+
+
+@contextlib.contextmanager
+def rank_failures_reported(last_checkpoint: Path):
+    """Under torchrun, end this rank with one `densessl: error:` line, not a traceback, when
+    another rank is lost: a collective that fails or times out, or torchrun's SIGTERM (it stops
+    the remaining ranks as soon as one fails, which can come before the collective fails).
+    The process then leaves at once: a broken process group can hang or abort at teardown."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        yield
+        return
+
+    main_pid = os.getpid()
+
+    def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if os.getpid() != main_pid:  # a forked DataLoader worker: stop quietly, as by default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        print(f"densessl: error: rank {os.environ.get('RANK', '?')}: stopped by SIGTERM (torchrun stops the "
+              f"other ranks when one fails; its report gives every rank's exit); {_resume_hint(last_checkpoint)}",
+              file=sys.stderr, flush=True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    except Exception as e:
+        msg = lost_rank_message(e, last_checkpoint)
+        if msg is None:
+            raise
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one message, even if torchrun's SIGTERM comes now
+        print(f"densessl: error: {msg}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -7,6 +7,7 @@ every checkpoint, so no checkpoint ever holds weights from a NaN step.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from densessl.config import Config, save_config, to_dict
+from densessl.config import Config, ConfigError, save_config, to_dict
 from densessl.data.augment import augment_batch
 from densessl.data.build import build_dataset
 from densessl.data.views import ResumableBatchSampler, ViewDataset, ViewSampler, collate_views
@@ -31,7 +32,7 @@ from densessl.models.backbones import build_backbone
 
 # Keys that may differ between a run and its resumption without changing the result.
 RESUME_FREE_KEYS = {"train.progress", "train.log_every", "train.tensorboard", "train.device", "data.num_workers",
-                    "train.ckpt_every", "train.keep_every"}
+                    "train.ckpt_every", "train.keep_every", "train.dist_timeout_s"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -104,15 +105,21 @@ def resolve_channels_last(setting: bool | None, device: torch.device) -> bool:
 class Trainer:
     def __init__(self, cfg: Config, dist_info: DistInfo | None = None):
         self.cfg = cfg
-        self.dist = dist_info or init_distributed(cfg.train.device)
+        self.dist = dist_info or init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         t = cfg.train
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.dataset = build_dataset(cfg.data, split="train", method_cfg=cfg.method)
+        if t.batch_size < 1:
+            raise ConfigError(f"train.batch_size={t.batch_size}; expected a batch of at least 1")
+        if len(self.dataset) < t.batch_size:
+            d, n = cfg.data, len(self.dataset)
+            where = f"data.dataset={d.dataset}" + (f" data.root={d.root}" if d.root else "")
+            raise ConfigError(f"the training data ({where}) has {n} samples, fewer than one batch of "
+                              f"train.batch_size={t.batch_size}; set train.batch_size={n} or lower"
+                              + (", or raise data.num_scenes" if d.dataset == "fashion_scenes" else ""))
         self.steps_per_epoch = t.steps_per_epoch or len(self.dataset) // t.batch_size
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"dataset has {len(self.dataset)} images, fewer than train.batch_size={t.batch_size}")
         self.total_steps = t.epochs * self.steps_per_epoch
         self.local_batch = t.batch_size // self.dist.world_size
 
@@ -171,12 +178,16 @@ class Trainer:
     def load_state_dict(self, state: dict, path: Path) -> None:
         saved = _flatten(state["config"])
         current = _flatten(to_dict(self.cfg))
+        for k in set(current) - set(saved):  # a key added since the run began: it ran with the default
+            default = _field_default(self.cfg, k)
+            if default is not _MISSING:
+                saved[k] = to_dict(default) if dataclasses.is_dataclass(default) else default
         differ = sorted(k for k in set(saved) | set(current)
                         if saved.get(k) != current.get(k) and k not in RESUME_FREE_KEYS)
         if differ:
             detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ[:6])
-            raise ValueError(f"{path} was written with a different config ({detail}); resume with the same "
-                             f"settings, or choose a new run_dir")
+            raise ConfigError(f"{path} was written with a different config ({detail}); resume with the same "
+                              f"settings, or start a new run with run_dir=<another folder>")
         self.method.load_state_dict(state["method"])
         if self.step_module.probe is not None:
             self.step_module.probe.load_state_dict(state["probe"])
@@ -263,6 +274,9 @@ class Trainer:
         t = self.cfg.train
         device = self.dist.device
         last = self.ckpt_dir / "last.pt"
+        if self.dist.is_main:
+            for p in ckpt_io.remove_partial_writes(self.ckpt_dir):
+                print(f"removed {p}: a partial checkpoint left by an interrupted save", flush=True)
         if last.exists():
             self.load_state_dict(ckpt_io.load_checkpoint(last), last)
             if self.dist.is_main:
@@ -341,8 +355,11 @@ class Trainer:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-            except ImportError:
+            except ImportError:  # metrics.jsonl holds the same records
                 self.writer = None
+                print("densessl: note: tensorboard is not installed, so no TensorBoard logs "
+                      "(pip install 'densessl[tensorboard]', or train.tensorboard=false to silence this)",
+                      file=sys.stderr)
 
     def _log(self, record: dict) -> None:
         if not self.dist.is_main:
@@ -401,6 +418,25 @@ def _to_device(batch: dict, device) -> dict:
             return [x.to(device, non_blocking=True) for x in v]
         return v
     return {k: move(v) for k, v in batch.items()}
+
+
+_MISSING = object()
+
+
+def _field_default(cfg, dotted: str):
+    """The schema default of a dotted config key (e.g. data.min_side), or _MISSING."""
+    *path, name = dotted.split(".")
+    obj = cfg
+    for part in path:
+        obj = getattr(obj, part, None)
+    if obj is None or not dataclasses.is_dataclass(obj):
+        return _MISSING
+    for f in dataclasses.fields(obj):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            return f.default_factory() if f.default_factory is not dataclasses.MISSING else _MISSING
+    return _MISSING
 
 
 def _flatten(d, prefix=""):

@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from densessl.config import ConfigError, ModelConfig
+from densessl.config import ConfigError, EvalBackboneConfig, ModelConfig, require_extra
 from densessl.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from densessl.eval.transfer import (SampleStream, TransferData, autocast, build_task_dataset, load_backbone_spec,
                                     pick_device, stream_loader, transfer_config)
@@ -155,7 +155,7 @@ def build_detector(backbone: nn.Module, num_classes: int, cfg: "DetectionConfig"
 
 
 @dataclass
-class DetectionConfig:
+class DetectionConfig(EvalBackboneConfig):  # + model, seed, random_init_seed (every protocol's keys)
     data: TransferData = field(default_factory=TransferData)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(backbone="resnet18_small", width=32))
     preset: Optional[str] = None
@@ -267,7 +267,7 @@ def coco_ground_truth(dataset, num_classes: int) -> dict:
 
 def coco_box_ap(gt: dict, detections: list[dict]) -> dict:
     """COCOeval bbox on in-memory ground truth and detections; AP values in percent."""
-    from pycocotools.cocoeval import COCOeval
+    COCOeval = require_extra("pycocotools.cocoeval", "coco", "COCO-style box AP").COCOeval
 
     from densessl.data.coco import coco_from_dict
 
@@ -310,7 +310,7 @@ def run_detection(spec: str, cfg: DetectionConfig, log=print) -> dict:
     device = pick_device(cfg.device)
     train_ds, classes = build_task_dataset(cfg.data, "train", "detection")
     val_ds, _ = build_task_dataset(cfg.data, "val", "detection")
-    backbone, desc = load_backbone_spec(spec, cfg.model, cfg.seed)
+    backbone, desc = load_backbone_spec(spec, cfg.model, cfg.init_seed())
     torch.manual_seed(cfg.seed)
     model = build_detector(backbone, len(classes), cfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -58,24 +58,41 @@ def extract_features(backbone: nn.Module, dataset: Dataset, batch_size: int = 25
         raise ValueError(f"backbone is on {param.device} but device={str(device)!r}; move it first")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=_KeepImageAndTarget(target_key), pin_memory=device.type == "cuda")
-    autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else contextlib.nullcontext())
-    was_training = backbone.training
-    backbone.eval()
     features, targets = [], []
-    try:
-        with torch.inference_mode(), autocast:
-            for images, target in loader:
-                x = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
-                features.append(backbone.pool(x).float().cpu())
-                if target is not None:
-                    targets.append(target)
-    finally:
-        backbone.train(was_training)
+    for pooled, target in frozen_forward(backbone, loader, device, autocast_dtype):
+        features.append(pooled.float().cpu())
+        if target is not None:
+            targets.append(target)
     if not features:
         raise ValueError("extract_features: the dataset is empty")
     feats = torch.cat(features)
     return feats, (torch.cat(targets) if target_key is not None else None)
+
+
+def frozen_forward(backbone: nn.Module, loader, device: torch.device, autocast_dtype: torch.dtype | None = None,
+                   forward=None):
+    """Yield ``(forward(backbone, x), rest)`` for each ``(images, rest)`` batch of ``loader``.
+
+    The one frozen forward of every evaluation: uint8 images -> `normalize` -> channels_last ->
+    the backbone in eval mode (BatchNorm on its running statistics) under
+    `torch.inference_mode()` and optional autocast; the previous train/eval mode is restored
+    when the loop ends. ``forward`` defaults to ``backbone.pool`` (pooled C5); the dense probes
+    pass ``lambda b, x: b(x, stages)``. Outputs are inference tensors: move or `torch.cat` them
+    outside this loop before autograd sees them.
+    """
+    forward = forward or (lambda b, x: b.pool(x))
+    autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        for images, rest in loader:
+            with torch.inference_mode(), autocast:
+                x = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+                out = forward(backbone, x)
+            yield out, rest
+    finally:
+        backbone.train(was_training)
 
 
 @torch.no_grad()

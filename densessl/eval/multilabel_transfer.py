@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from densessl.config import ConfigError, ModelConfig
+from densessl.config import ConfigError, EvalBackboneConfig, ModelConfig
 from densessl.data.augment import normalize
 from densessl.eval.metrics import count_skipped, mean_average_precision
 from densessl.eval.transfer import TransferData, autocast, build_task_dataset, load_backbone_spec, pick_device
@@ -61,7 +61,7 @@ class MultilabelData(TransferData):
 
 
 @dataclass
-class MultilabelTransferConfig:
+class MultilabelTransferConfig(EvalBackboneConfig):  # + model, seed, random_init_seed (every protocol's keys)
     data: MultilabelData = field(default_factory=MultilabelData)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(backbone="resnet50", width=None))
     mode: str = "augment"  # augment | cached
@@ -77,7 +77,7 @@ class MultilabelTransferConfig:
     scale: tuple[float, float] = (0.08, 1.0)
     eval_every: int = 1  # epochs between test-set evaluations (the last epoch is always evaluated)
     feature_batch_size: int = 128  # images per backbone call
-    seed: int = 777
+    seed: int = 777  # SS-PRL's
     device: str = "auto"
     precision: str = "fp32"
     out: Optional[str] = None
@@ -181,7 +181,9 @@ def run_multilabel_transfer(spec: str, cfg: MultilabelTransferConfig, log=print)
     device = pick_device(cfg.device)
     train_base, classes = build_task_dataset(cfg.data, "train", "multilabel")
     test_base, _ = build_task_dataset(cfg.data, "val", "multilabel")
-    backbone, desc = load_backbone_spec(spec, cfg.model, cfg.seed)
+    log(f"classes ({len(classes)}, from {getattr(train_base, 'classes_source', cfg.data.dataset)}): "
+        f"{', '.join(classes)}")
+    backbone, desc = load_backbone_spec(spec, cfg.model, cfg.init_seed())
     backbone = backbone.to(device).eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
@@ -244,7 +246,8 @@ def run_multilabel_transfer(spec: str, cfg: MultilabelTransferConfig, log=print)
             log(f"epoch {epoch + 1}/{cfg.epochs} train loss {train_loss:.4f} test mAP {100 * mAP:.2f}")
     best = max(history, key=lambda h: h["mAP"])
     settings = asdict(cfg)
-    settings.update(train_images=n, test_images=len(test_base), num_classes=len(classes), feature_dim=xte.shape[1],
+    settings.update(train_images=n, test_images=len(test_base), num_classes=len(classes), classes=list(classes),
+                    classes_source=getattr(train_base, "classes_source", cfg.data.dataset), feature_dim=xte.shape[1],
                     ignored_test_entries=int(ite.sum()), metric="mAP after the last epoch (difficult-only "
                     "entries ignored)", skipped_classes=count_skipped(per_class))
     return {"backbone": desc, "multilabel": {

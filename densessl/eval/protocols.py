@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from densessl.config import DataConfig, ModelConfig, apply_overrides, from_dict, to_dict
+from densessl.config import DataConfig, EvalBackboneConfig, apply_overrides, from_dict, to_dict
 from densessl.data.build import build_dataset
 from densessl.eval.features import extract_features, recompute_bn_stats
 from densessl.eval.knn import knn_accuracy
@@ -22,9 +22,8 @@ from densessl.models.backbones import build_backbone
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(EvalBackboneConfig):  # model, seed, random_init_seed: shared by every protocol
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)  # architecture of the `random` baseline
     num_train: int = 5000
     num_test: int = 2000
     k: int = 20
@@ -34,10 +33,6 @@ class EvalConfig:
     lr: float = 0.01  # on standardised features; swept on Fashion-MNIST features (eval/linear.py)
     weight_decay: float = 0.0
     batch_size: int = 256
-    seed: int = 0
-    # the `random` baseline's weights (None: `seed`); probes keep `seed`. A pretraining run with
-    # train.seed=n starts from exactly the weights of random_init_seed=n: its own baseline.
-    random_init_seed: int | None = None
     precision: str = "fp32"  # fp32 | bf16 feature extraction
     # stored: BN running statistics as in the checkpoint (a random-init backbone: mean 0, var 1,
     # i.e. un-normalised); data: recomputed on `bn_scenes` training scenes first, weights unchanged
@@ -56,7 +51,7 @@ def load_eval_backbone(spec: str, cfg: EvalConfig):
     from densessl.engine.checkpoint import load_backbone
 
     if spec == "random":
-        init_seed = cfg.seed if cfg.random_init_seed is None else cfg.random_init_seed
+        init_seed = cfg.init_seed()
         torch.manual_seed(init_seed)
         return build_backbone(cfg.model.backbone, cfg.model.width), f"random-init {cfg.model.backbone} (seed {init_seed})"
     backbone, train_cfg = load_backbone(spec)
@@ -145,7 +140,7 @@ def default_out(spec: str, protocol: str, cfg: EvalConfig) -> Path:
     if cfg.out:
         return Path(cfg.out)
     if spec == "random":
-        init_seed = getattr(cfg, "random_init_seed", None)  # transfer configs have none
+        init_seed = cfg.random_init_seed
         name = f"random-{cfg.model.backbone}" + ("" if init_seed is None else f"-seed{init_seed}")
         return Path("runs") / name / "eval" / f"{protocol}.json"
     p = Path(spec)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densessl.config import ConfigError, ModelConfig
+from densessl.config import ConfigError, EvalBackboneConfig, ModelConfig
 from densessl.data.augment import normalize
 from densessl.eval.transfer import (SampleStream, TransferData, autocast, build_task_dataset, load_backbone_spec,
                                     pick_device, stream_loader, transfer_config)
@@ -177,7 +177,7 @@ class SegmentationModel(nn.Module):
 
 
 @dataclass
-class SegmentationConfig:
+class SegmentationConfig(EvalBackboneConfig):  # + model, seed, random_init_seed (every protocol's keys)
     data: TransferData = field(default_factory=TransferData)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(backbone="resnet18_small", width=32))
     preset: Optional[str] = None
@@ -292,7 +292,7 @@ def run_segmentation(spec: str, cfg: SegmentationConfig, log=print) -> dict:
     device = pick_device(cfg.device)
     train_ds, classes = build_task_dataset(cfg.data, "train", "segmentation")
     val_ds, _ = build_task_dataset(cfg.data, "val", "segmentation")
-    backbone, desc = load_backbone_spec(spec, cfg.model, cfg.seed)
+    backbone, desc = load_backbone_spec(spec, cfg.model, cfg.init_seed())
     if cfg.output_stride is not None:
         set_output_stride(backbone, cfg.output_stride)
     torch.manual_seed(cfg.seed)

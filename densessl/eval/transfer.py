@@ -34,6 +34,9 @@ class TransferData:
     size: int = 64  # fashion_scenes canvas side
     seed: int = 0  # fashion_scenes scene seed
     num_workers: int = 0
+    # voc: the class names in label order; null: labels.txt in data.root, else the names in its
+    # Annotations/*.xml (sorted; the 20 VOC classes when all are VOC's) -- see densessl/data/voc.py
+    classes: Optional[list[str]] = None
 
 
 def transfer_config(cls, presets: dict[str, dict], overrides: list[str]):
@@ -70,13 +73,14 @@ def _flatten(d: dict, prefix: str = "") -> list[str]:
 
 
 def load_backbone_spec(spec: str, model: ModelConfig, seed: int):
-    """(backbone, description): a checkpoint / safetensors path, or ``random`` (seeded)."""
+    """(backbone, description): a checkpoint / safetensors path, or ``random`` (weights from
+    ``seed``: pass the config's ``init_seed()``)."""
     from densessl.models.backbones import build_backbone
 
     if spec == "random":
         torch.manual_seed(seed)
         try:
-            return build_backbone(model.backbone, model.width), f"random-init {model.backbone}"
+            return build_backbone(model.backbone, model.width), f"random-init {model.backbone} (seed {seed})"
         except ValueError as e:
             raise ConfigError(f"model: {e}") from None
     from densessl.interop import backbone_arch, load_any_backbone
@@ -151,6 +155,9 @@ def build_task_dataset(data: TransferData, split: str, task: str):
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     name = data.train_split if split == "train" else data.val_split
+    if data.classes is not None and data.dataset != "voc":
+        raise ConfigError(f"data.classes names the classes of a VOC folder (data.dataset=voc); {data.dataset} has "
+                          f"its own (leave data.classes out)")
     if data.dataset == "fashion_scenes":
         from densessl.data.fashion_mnist import CLASSES
         from densessl.data.scenes import FashionScenes
@@ -178,12 +185,17 @@ def build_task_dataset(data: TransferData, split: str, task: str):
             raise ConfigError("data.dataset=voc needs data.root=<VOC folder with JPEGImages, Annotations, ImageSets>")
         roots = [data.root] + (list(data.extra_roots) if split == "train" else [])
         cls = VOCSegmentation if task == "segmentation" else VOCDetection
-        parts = [cls(r, name) for r in roots]
+        parts = [cls(r, name, classes=data.classes) for r in roots]
         classes = parts[0].classes
-        if any(p.classes != classes for p in parts):
-            raise ConfigError(f"data.extra_roots have other class names than {data.root}")
+        for r, p in zip(roots[1:], parts[1:]):
+            if p.classes != classes:
+                union = sorted(set(classes) | set(p.classes))
+                raise ConfigError(f"data.extra_roots: {r} has the classes {list(p.classes)} ({p.classes_source}) but "
+                                  f"{data.root} has {list(classes)} ({parts[0].classes_source}); give them all "
+                                  f"with data.classes=[{','.join(union)}]")
         src = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
         ds = _TaskView(src, task, "voc")
+        ds.classes_source = parts[0].classes_source
     elif data.dataset == "coco":
         from densessl.data.coco import COCODataset, coco_paths
 

@@ -125,3 +125,24 @@ def test_package_fallback(tmp_path, monkeypatch):
     assert data.images.shape == (10000, 28, 28) and data.images.dtype == np.uint8
     assert np.array_equal(np.bincount(data.labels), np.full(10, 1000))
     assert data.images.max() == 255
+
+
+def test_shipped_value_ignores_the_machine_copy(tmp_path, monkeypatch):
+    """DENSESSL_FASHION_MNIST=shipped: a fresh machine's data even where a full copy is installed."""
+    make_root(tmp_path / "system", n_train=4, n_test=1)
+    monkeypatch.setattr(fm, "SYSTEM_DIR", tmp_path / "system")
+    monkeypatch.delenv(fm.ENV_VAR, raising=False)
+    assert len(load_fashion_mnist()) == 5  # the machine's copy wins by default
+    monkeypatch.setenv(fm.ENV_VAR, fm.SHIPPED)
+    assert load_fashion_mnist().source == "package:t10k"
+
+
+@pytest.mark.full_fashion_mnist
+def test_full_fashion_mnist_is_train_then_the_shipped_test_split():
+    data = load_fashion_mnist()
+    if data.source == "package:t10k":
+        pytest.skip("needs the 70k Fashion-MNIST files (Debian's dataset-fashion-mnist, or "
+                    "DENSESSL_FASHION_MNIST=<folder with the four IDX files>)")
+    shipped = fm._load_folder(fm.ASSETS_DIR, fm.TEST_FILES, "package:t10k")
+    assert len(data) == 70000 and np.array_equal(np.bincount(data.labels), np.full(10, 7000))
+    assert np.array_equal(data.images[60000:], shipped.images) and np.array_equal(data.labels[60000:], shipped.labels)

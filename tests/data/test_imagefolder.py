@@ -97,3 +97,50 @@ def test_empty_folder_errors(tmp_path):
         ImageFolder(tmp_path)
     with pytest.raises(ValueError, match="on_error"):
         ImageFolder(tmp_path, on_error="ignore")
+
+
+@pytest.fixture
+def with_tiny(tmp_path):
+    """Two usable images, a 1x1, a 1-px-wide strip, a 15x40 and a corrupt file."""
+    root = tmp_path / "mixed"
+    _save(str(root / "a.png"), size=(20, 16))
+    _save(str(root / "b.png"), size=(16, 30))
+    _save(str(root / "one.png"), size=(1, 1))
+    _save(str(root / "strip.png"), size=(1, 50))
+    _save(str(root / "narrow.png"), size=(15, 40))
+    (root / "corrupt.png").write_bytes(b"not an image")
+    return root
+
+
+def test_min_side_skips_and_counts_small_images_with_the_unreadable(with_tiny):
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image.*skipped 3 image\(s\) whose shorter side is "
+                                         r"below min_side=16 px \(e.g. '.*narrow.png', 15x40\)"):
+        ds = ImageFolder(with_tiny, on_error="skip", min_side=16)
+    assert [os.path.basename(p) for p, _ in ds.samples] == ["a.png", "b.png"]
+    assert sorted(os.path.basename(p) for p in ds.too_small) == ["narrow.png", "one.png", "strip.png"]
+    assert [os.path.basename(p) for p in ds.skipped] == ["corrupt.png"]
+    with pytest.raises(FileNotFoundError, match="1 failed to decode, 5 have a shorter side below min_side=100 px"):
+        with pytest.warns(UserWarning):
+            ImageFolder(with_tiny, on_error="skip", min_side=100)
+
+
+def test_min_side_in_raise_mode_names_the_file_the_size_and_the_keys(with_tiny):
+    ds = ImageFolder(with_tiny, min_side=16)
+    names = [os.path.basename(p) for p, _ in ds.samples]
+    assert ds[names.index("a.png")]["image"].shape == (3, 16, 20)
+    with pytest.raises(ImageReadError, match=r"strip.png' is 1x50 px, its shorter side below data.min_side=16 px.*"
+                                             r"set data.on_error=skip, or lower data.min_side"):
+        ds[names.index("strip.png")]
+    assert ImageFolder(with_tiny)[names.index("one.png")]["image"].shape == (3, 1, 1)  # Python default: no check
+
+
+def test_config_min_side_defaults_to_16_through_build_dataset(with_tiny):
+    from densessl.config import ConfigError, DataConfig
+    from densessl.data.build import build_dataset
+
+    assert DataConfig().min_side == 16
+    with pytest.warns(UserWarning, match="skipped 3 image"):
+        ds = build_dataset(DataConfig(dataset="imagefolder", root=str(with_tiny), on_error="skip", size=None))
+    assert len(ds) == 2 and len(ds.too_small) == 3
+    with pytest.raises(ConfigError, match="data.root=.*nope.*does not exist"):
+        build_dataset(DataConfig(dataset="imagefolder", root=str(with_tiny / "nope")))

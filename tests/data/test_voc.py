@@ -114,3 +114,43 @@ def test_segmentation_png_modes_and_ignore(tmp_path):
     Image.fromarray(bad).save(tmp_path / "bad.png")
     with pytest.raises(AnnotationError, match=r"RGB colour \(1, 2, 3\) is not in the VOC colour map"):
         read_segmentation_png(tmp_path / "bad.png")
+
+
+def _custom_voc(root, images: dict[str, list[str]], splits: dict[str, list[str]]):
+    """A VOC folder as LabelImg / CVAT write it: its own class names, no labels.txt."""
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "Annotations").mkdir()
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    for sid, names in images.items():
+        Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(root / "JPEGImages" / f"{sid}.png")
+        _write_xml(root / "Annotations" / f"{sid}.xml",
+                   [f"<name>{n}</name><difficult>0</difficult>{_bb(2, 2, 20, 20)}" for n in names])
+    for split, ids in splits.items():
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+def test_custom_class_names_are_inferred_from_all_annotations_sorted(tmp_path):
+    root = _custom_voc(tmp_path / "cvat", {"a": ["forklift", "pallet"], "b": ["worker"], "c": ["pallet"]},
+                       {"train": ["a", "c"], "val": ["b"]})
+    train, val = VOCDetection(root, "train"), VOCDetection(root, "val")
+    assert train.classes == val.classes == ("forklift", "pallet", "worker")  # every file: both splits agree
+    assert "3 annotation files" in train.classes_source and "sorted" in train.classes_source
+    assert train[0]["labels"].tolist() == [1.0, 1.0, 0.0] and val[0]["labels"].tolist() == [0.0, 0.0, 1.0]
+    voc_names = _custom_voc(tmp_path / "vocnames", {"a": ["dog", "cat"]}, {"train": ["a"]})
+    assert VOCDetection(voc_names, "train").classes == VOC_CLASSES  # VOC's own names keep VOC's 20 classes
+
+
+def test_given_classes_override_and_an_unknown_name_names_the_file(tmp_path):
+    root = _custom_voc(tmp_path / "cvat", {"a": ["pallet"], "b": ["worker", "forklift"]}, {"train": ["a", "b"]})
+    ds = VOCDetection(root, "train", classes=["worker", "pallet", "forklift", "box"])
+    assert ds.classes == ("worker", "pallet", "forklift", "box") and ds.classes_source == "data.classes"
+    assert ds[1]["labels"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    with pytest.raises(AnnotationError, match=r"b.xml: object 1: unknown class name 'forklift' .*add it to "
+                                              r"data.classes") as e:
+        VOCDetection(root, "train", classes=["pallet", "worker"])
+    assert str(root / "Annotations" / "b.xml") in str(e.value)
+    (root / "labels.txt").write_text("pallet\nworker\n")
+    with pytest.raises(AnnotationError, match=r"unknown class name 'forklift' .*add it to .*labels.txt"):
+        VOCDetection(root, "train")
+    assert VOCDetection(root, "train", classes=["forklift", "pallet", "worker"]).num_classes == 3  # given wins

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import TINY, cli_command, subprocess_env
-from densessl.config import build_config
+from densessl.config import ConfigError, build_config
 from densessl.engine.checkpoint import load_checkpoint
 from densessl.engine.trainer import NonFiniteLossError, Trainer
 
@@ -73,6 +73,22 @@ def test_resume_with_a_different_config_is_refused(tiny_overrides):
     Trainer(build_config("byol-scenes", tiny_overrides)).fit()
     with pytest.raises(ValueError, match=r"optim.lr: 1.0 -> 2.0"):
         Trainer(build_config("byol-scenes", tiny_overrides + ["optim.lr=2.0"])).fit()
+
+
+def test_a_key_added_after_the_run_began_resumes_at_its_default(tiny_overrides, tmp_path):
+    """A checkpoint written before data.min_side existed ran with its default: it resumes; a
+    value other than the default is a changed config and is refused."""
+    from densessl.engine.checkpoint import save_atomic
+
+    Trainer(build_config("byol-scenes", tiny_overrides)).fit()
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    del state["config"]["data"]["min_side"]
+    save_atomic(state, last)
+    assert Trainer(build_config("byol-scenes", tiny_overrides)).fit()["step"] == 8
+    save_atomic(state, last)
+    with pytest.raises(ConfigError, match=r"data.min_side: 16 -> 8.*run_dir="):
+        Trainer(build_config("byol-scenes", tiny_overrides + ["data.min_side=8"])).fit()
 
 
 @pytest.mark.slow

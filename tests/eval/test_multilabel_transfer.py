@@ -98,3 +98,48 @@ def test_bad_inputs_give_clear_cli_errors(folders, tmp_path, capsys):
     assert main(["eval", "multilabel", "random", *TINY, "data.dataset=voc", f"data.root={root}"]) == 2
     err = capsys.readouterr().err
     assert "densessl: error:" in err and "trainval_000002.xml" in err and "<bndbox>/<xmin> is not a number" in err
+
+
+@pytest.fixture
+def custom_voc(tmp_path):
+    """A VOC folder with its own class names and no labels.txt (as LabelImg and CVAT write it)."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "cvat"
+    for d in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (root / d).mkdir(parents=True)
+    objects = {"t0": ["worker", "pallet"], "t1": ["pallet"], "t2": ["forklift"], "t3": ["worker"],
+               "v0": ["pallet", "forklift"], "v1": ["worker"], "v2": ["forklift"]}
+    for k, (sid, names) in enumerate(objects.items()):
+        pixels = np.random.default_rng(k).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "JPEGImages" / f"{sid}.png")
+        boxes = "".join(f"<object><name>{n}</name><difficult>0</difficult><bndbox><xmin>2</xmin><ymin>2</ymin>"
+                        f"<xmax>30</xmax><ymax>30</ymax></bndbox></object>" for n in names)
+        (root / "Annotations" / f"{sid}.xml").write_text(f"<annotation><filename>{sid}.png</filename>{boxes}"
+                                                         f"</annotation>")
+    (root / "ImageSets/Main/trainval.txt").write_text("t0\nt1\nt2\nt3\n")
+    (root / "ImageSets/Main/test.txt").write_text("v0\nv1\nv2\n")
+    return root
+
+
+def test_voc_with_its_own_class_names_infers_them_sorted_prints_and_saves_them(custom_voc, tmp_path, capsys):
+    from densessl.cli import main
+
+    args = ["eval", "multilabel", "random", *TINY, "epochs=1", "mode=cached", "data.dataset=voc",
+            f"data.root={custom_voc}"]
+    assert main([*args, f"out={tmp_path / 'inferred.json'}"]) == 0
+    assert "classes (3, from the names in 7 annotation files of " in capsys.readouterr().out
+    r = json.loads((tmp_path / "inferred.json").read_text())["multilabel"]
+    assert r["settings"]["classes"] == list(r["ap_per_class"]) == ["forklift", "pallet", "worker"]
+    # data.classes gives them explicitly (any order, extra names allowed)
+    assert main([*args, "data.classes=[worker,pallet,forklift,crate]", f"out={tmp_path / 'given.json'}"]) == 0
+    s = json.loads((tmp_path / "given.json").read_text())["multilabel"]["settings"]
+    assert s["classes"] == ["worker", "pallet", "forklift", "crate"] and s["classes_source"] == "data.classes"
+    capsys.readouterr()
+    # a name that data.classes lacks: one line naming the XML file and the name
+    assert main([*args, "data.classes=[worker,pallet]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("densessl: error: ")
+    assert str(custom_voc / "Annotations" / "t2.xml") in err[0] and "unknown class name 'forklift'" in err[0]
+    assert "data.classes" in err[0]
