@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 
@@ -13,6 +14,8 @@ from densessl.methods.gaelle import (GAELLE, GAELLEConfig, attention_entropy, at
 from densessl.methods.swav import cross_entropy_to_codes, sinkhorn
 from densessl.models.backbones import build_backbone
 from densessl.models.heads import mlp
+from fixed_batch import (assert_loss_falls, assert_prototypes_frozen_then_trained, noisy_views, project_optimizer,
+                         smooth_images, train_steps)
 
 
 def reference_tokens(feats, attn, groups):
@@ -171,6 +174,70 @@ def test_local_queue_holds_tokens_scored_with_local_prototypes():
             out = m(views_for(seed=step), {})
     assert m.local_queue.rows_pushed == [384, 384] and m.queue.rows_pushed == [12, 12]
     assert out["queue_used"].item() == 1.0  # 8 rows, full after 2 pushes of 4
+
+
+def test_local_queue_is_scored_with_the_local_prototypes_not_the_global_ones(monkeypatch):
+    """The code's bug (specs 3.7.4) is not reproduced: the queued token embeddings enter the local
+    Sinkhorn scored against the local prototypes. So, with a full local queue, L_local (a) uses
+    the queue, (b) is unchanged when only the global prototypes change, and (c) the queue scores
+    that enter Sinkhorn are exactly queue @ local_prototypes^T."""
+    import densessl.methods.gaelle as gaelle
+
+    m = tiny_gaelle(local_queue_length=256, epoch_queue_starts=0)  # B * T = 4 * 32 = 128 tokens per push
+    with torch.no_grad():
+        for step in range(2):
+            m.current_step = step
+            m(views_for(seed=step), {})
+    assert m.local_queue.rows_pushed == [256, 256] and m.local_queue.queue.abs().sum() > 0
+    m.current_step = 2
+    views = views_for(seed=5)
+
+    def local_term(model):
+        with torch.no_grad():
+            return copy.deepcopy(model).terms(views)["local"]  # a copy: the queue push stays out of m
+
+    base = local_term(m)
+    unused = copy.deepcopy(m)
+    unused.local_queue.rows_pushed = [0, 0]  # not full: not used
+    assert not torch.allclose(local_term(unused), base, rtol=1e-4)  # (a)
+    other = copy.deepcopy(m)
+    with torch.no_grad():
+        other.prototypes.weight.copy_(torch.randn_like(other.prototypes.weight))
+    assert torch.equal(local_term(other), base)  # (b)
+
+    calls = []
+    original = gaelle.sinkhorn_codes
+
+    def recording(scores, queue_scores=None, *args, **kwargs):
+        calls.append((scores.shape, queue_scores))
+        return original(scores, queue_scores, *args, **kwargs)
+
+    monkeypatch.setattr(gaelle, "sinkhorn_codes", recording)
+    with torch.no_grad():
+        copy.deepcopy(m).terms(views)
+    local_calls = [q for shape, q in calls if shape[0] == 4 * 32]  # B * T token rows (global calls: B rows)
+    assert len(local_calls) == 2
+    for a, q in enumerate(local_calls):  # the queue rows as they were before this step's push
+        expected = m.local_queue.queue[a, :256] @ F.normalize(m.local_prototypes.weight, dim=1).t()
+        assert q is not None and torch.allclose(q, expected, atol=1e-5)
+        assert not torch.allclose(q, m.local_queue.queue[a, :256] @ F.normalize(m.prototypes.weight, dim=1).t(),
+                                  atol=1e-2)
+
+
+def test_three_prototype_banks_stay_fixed_under_lars_during_the_freeze_and_train_after_it():
+    m = tiny_gaelle(freeze_prototypes_iters=3)
+    assert_prototypes_frozen_then_trained(m, views_for(), freeze=3)
+
+
+def gaelle_fixed_batch_losses(seed: int = 0, steps: int = 20) -> list[float]:
+    """Losses of LARS steps on 2 x 32 + 2 x 16 px views of 8 fixed images."""
+    m = tiny_gaelle(freeze_prototypes_iters=0)
+    views = noisy_views(smooth_images(8, seed=seed), (32, 32, 16, 16), seed=seed + 1)
+    return train_steps(m, [(views, {})], project_optimizer(m, "lars", lr=1.0), steps)
+
+
+def test_gaelle_loss_falls_on_a_fixed_batch():
+    assert_loss_falls(gaelle_fixed_batch_losses(), drop=0.4)  # falls by 0.77-0.97 (seeds 0-7; 4.3-4.4 -> 3.4-3.6)
 
 
 # ---------------------------------------------------------------- smoke
