@@ -82,7 +82,7 @@ class DataConfig:
     # holds less than one C5 cell of resnet18_small (stride 16) and every crop is an upsampled
     # smear of a few pixels (1x1, 1-px-wide strips); icons and thumbnails start at 16 px.
     min_side: int = 16
-    style: str = "textured"  # fashion_scenes backgrounds and tints: textured | uniform | plain
+    style: str = "textured"  # fashion_scenes backgrounds and tints: textured | uniform | plain | photo
 
 
 @dataclass

@@ -29,7 +29,7 @@ def test_license_is_an_spdx_expression_and_every_imported_package_is_declared():
     core = {r.split(";")[0].split("=")[0].split(">")[0].strip().lower() for r in requires("densessl") if "extra ==" not in r}
     assert {"pyyaml", "omegaconf", "safetensors", "scipy", "torch", "torchvision"} <= core
     extras = set(meta.get_all("Provides-Extra"))
-    assert {"video", "coco", "tensorboard", "all", "test"} <= extras
+    assert {"video", "coco", "tensorboard", "photos", "all", "test"} <= extras
 
 
 def test_a_missing_extra_is_one_line_naming_it(monkeypatch):
