@@ -80,8 +80,11 @@ def densessl_byol_step(backbone: str, width, size: int, batch: int, precision: s
     return run
 
 
-def lightly_byol_step(size: int, batch: int, backbone: str = "resnet18"):
-    """lightly's BYOL as its example writes it: per-view forwards, SGD, update_momentum."""
+def lightly_byol_step(size: int, batch: int, backbone: str = "resnet18", device="cpu", precision: str = "fp32",
+                      channels_last: bool = False):
+    """lightly's BYOL as its example writes it: per-view forwards, SGD, update_momentum. The
+    defaults are the example's (fp32, contiguous, CPU); `device`, bf16 autocast and channels_last
+    give it the same settings as densessl on a GPU (benchmarks/device_check.py)."""
     import copy
 
     import torchvision
@@ -112,19 +115,22 @@ def lightly_byol_step(size: int, batch: int, backbone: str = "resnet18"):
         def forward_momentum(self, x):
             return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).detach()
 
-    model = LightlyBYOL()
+    device = torch.device(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = LightlyBYOL().to(device, memory_format=fmt)
     criterion = NegativeCosineSimilarity()
     opt = torch.optim.SGD(model.parameters(), lr=0.06)
-    x0, x1 = torch.randn(batch, 3, size, size), torch.randn(batch, 3, size, size)
+    x0, x1 = (torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt) for _ in range(2))
     step = [0]
 
     def run():
         m = cosine_schedule(step[0], 1000, 0.996, 1)
         update_momentum(model.backbone, model.backbone_momentum, m=m)
         update_momentum(model.projection_head, model.projection_head_momentum, m=m)
-        p0, z0 = model(x0), model.forward_momentum(x0)
-        p1, z1 = model(x1), model.forward_momentum(x1)
-        loss = 0.5 * (criterion(p0, z1) + criterion(p1, z0))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            p0, z0 = model(x0), model.forward_momentum(x0)
+            p1, z1 = model(x1), model.forward_momentum(x1)
+            loss = 0.5 * (criterion(p0, z1) + criterion(p1, z0))
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -163,8 +169,10 @@ def step_recipe(method: str, scale: str) -> str:
     return STEP_SCALES[scale].format(PAPER_NAMES.get(method, method) if scale == "paper" else method)
 
 
-def recipe_step(method: str, scale: str, batch: int, precision: str, channels_last: bool, small_map_convs: bool):
-    """A closure running one `Trainer.train_step` of `method`'s recipe at `scale`."""
+def recipe_step(method: str, scale: str, batch: int, precision: str, channels_last: bool, small_map_convs: bool,
+                extra: tuple[str, ...] = ()):
+    """A closure running one `Trainer.train_step` of `method`'s recipe at `scale`; `extra`:
+    overrides applied last (sizes of benchmarks/device_check.py's tiny mode)."""
     import tempfile
 
     from densessl.config import build_config
@@ -177,7 +185,7 @@ def recipe_step(method: str, scale: str, batch: int, precision: str, channels_la
     if scale == "paper":
         overrides += ["data.dataset=fashion_scenes", "data.root=null", "data.size=224", f"data.num_scenes={batch}"]
     torch.manual_seed(0)
-    trainer = Trainer(build_config(step_recipe(method, scale), overrides))
+    trainer = Trainer(build_config(step_recipe(method, scale), overrides + list(extra)))
     if not small_map_convs:
         use_small_map_convs(trainer.method, max_positions=0)
     loader_batch = next(iter(trainer.loader(0)))
@@ -190,7 +198,7 @@ def recipe_step(method: str, scale: str, batch: int, precision: str, channels_la
         if cuda:  # time the work, not its launch
             torch.cuda.synchronize()
 
-    run.trainer = trainer  # for inspection (tests)
+    run.trainer, run.batch = trainer, loader_batch  # for inspection (tests) and unsynchronised timing
     return run
 
 

@@ -289,6 +289,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         n_sum = 0
         t_log, step_log = time.perf_counter(), self.step
+        self._data_wait = 0.0  # seconds spent in next(loader) since the last log (_waited)
         bar = self._progress()
         if t.knn_every and self.step == 0:
             self._knn_monitor()  # the untrained backbone: the reference the run must beat
@@ -296,7 +297,7 @@ class Trainer:
         while self.step < self.total_steps:
             epoch, start = divmod(self.step, self.steps_per_epoch)
             probe_scores, probe_targets = [], []
-            for batch in self.loader(epoch, start):
+            for batch in self._waited(self.loader(epoch, start)):
                 out, batch = self.train_step(batch)
                 bad |= ~torch.isfinite(out["loss"].detach())
                 for k, v in out.items():
@@ -312,11 +313,12 @@ class Trainer:
                     ips = (self.step - step_log) * t.batch_size / max(now - t_log, 1e-9)
                     record = {k: float(all_reduce_mean(v / n_sum)) for k, v in sums.items()}
                     record.update(step=self.step, epoch=self.step / self.steps_per_epoch, lr=self.current_lr,
-                                  momentum=getattr(self.method, "momentum", None), images_per_s=ips)
+                                  momentum=getattr(self.method, "momentum", None), images_per_s=ips,
+                                  data_wait_frac=self._data_wait / max(now - t_log, 1e-9))
                     self._log(record)
                     if bar is not None:
                         bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{ips:.0f}")
-                    sums, n_sum, t_log, step_log = {}, 0, now, self.step
+                    sums, n_sum, t_log, step_log, self._data_wait = {}, 0, now, self.step, 0.0
                 if bar is not None:
                     bar.update(1)
                 if self.step % t.ckpt_every == 0 or self.step == self.total_steps:
@@ -332,6 +334,19 @@ class Trainer:
             self._close_logs()
             plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
         return {"step": self.step, "checkpoint": str(self.ckpt_dir / "last.pt")}
+
+    def _waited(self, loader):
+        """The loader's batches; the time spent waiting in next() for each is added to
+        `self._data_wait` (host clock around next() only, no device sync), logged as
+        `data_wait_frac`: that time over the log interval's wall time (this rank's)."""
+        batches = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            self._data_wait += time.perf_counter() - t0
+            if batch is None:
+                return
+            yield batch
 
     # ------------------------------------------------------------------ logs
 
