@@ -38,6 +38,25 @@ def require_extra(module: str, extra: str, purpose: str):
                           f"pip install 'densessl[{extra}]'") from e
 
 
+MISSING = object()  # field_default's answer for a key the schema does not define
+
+
+def field_default(cfg, dotted: str):
+    """The schema default of a dotted config key (e.g. data.min_side) of `cfg`, or MISSING."""
+    *path, name = dotted.split(".")
+    obj = cfg
+    for part in path:
+        obj = getattr(obj, part, None)
+    if obj is None or not dataclasses.is_dataclass(obj):
+        return MISSING
+    for f in dataclasses.fields(obj):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            return f.default_factory() if f.default_factory is not dataclasses.MISSING else MISSING
+    return MISSING
+
+
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from densessl.config import Config, ConfigError, save_config, to_dict
+from densessl.config import MISSING, Config, ConfigError, field_default, save_config, to_dict
 from densessl.data.augment import augment_batch
 from densessl.data.build import build_dataset
 from densessl.data.views import ResumableBatchSampler, ViewDataset, ViewSampler, collate_views
@@ -179,8 +179,8 @@ class Trainer:
         saved = _flatten(state["config"])
         current = _flatten(to_dict(self.cfg))
         for k in set(current) - set(saved):  # a key added since the run began: it ran with the default
-            default = _field_default(self.cfg, k)
-            if default is not _MISSING:
+            default = field_default(self.cfg, k)
+            if default is not MISSING:
                 saved[k] = to_dict(default) if dataclasses.is_dataclass(default) else default
         differ = sorted(k for k in set(saved) | set(current)
                         if saved.get(k) != current.get(k) and k not in RESUME_FREE_KEYS)
@@ -433,25 +433,6 @@ def _to_device(batch: dict, device) -> dict:
             return [x.to(device, non_blocking=True) for x in v]
         return v
     return {k: move(v) for k, v in batch.items()}
-
-
-_MISSING = object()
-
-
-def _field_default(cfg, dotted: str):
-    """The schema default of a dotted config key (e.g. data.min_side), or _MISSING."""
-    *path, name = dotted.split(".")
-    obj = cfg
-    for part in path:
-        obj = getattr(obj, part, None)
-    if obj is None or not dataclasses.is_dataclass(obj):
-        return _MISSING
-    for f in dataclasses.fields(obj):
-        if f.name == name:
-            if f.default is not dataclasses.MISSING:
-                return f.default
-            return f.default_factory() if f.default_factory is not dataclasses.MISSING else _MISSING
-    return _MISSING
 
 
 def _flatten(d, prefix=""):

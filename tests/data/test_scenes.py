@@ -229,18 +229,18 @@ def test_styles_plain_and_uniform():
 
 
 def test_photo_style_crops_the_shipped_photographs(monkeypatch):
-    from densessl.data import scenes
+    from densessl.data import photos as ph
 
-    photos = scenes.load_photos()
-    assert len(photos) == len(scenes.PHOTOS) and all(min(p.shape[:2]) == scenes.PHOTO_SIDE for p in photos)
+    photos = ph.load_photos()
+    assert len(photos) == len(ph.PHOTOS) and all(min(p.shape[:2]) == ph.PHOTO_SIDE for p in photos)
     a, b = FashionScenes("val", 4, 32, style="photo"), FashionScenes("val", 4, 32, style="photo")
     assert torch.equal(a[2]["image"], b[2]["image"]) and not torch.equal(a[2]["image"], a[3]["image"])
     # one photo, left half 0.2 and right half 0.8: every crop is 0.2 and/or 0.8, a vertical edge at most
     two_tone = np.full((64, 128, 3), 0.2, np.float32)
     two_tone[:, 64:] = 0.8
-    monkeypatch.setattr(scenes, "load_photos", lambda: (two_tone,))
+    monkeypatch.setattr(ph, "load_photos", lambda: (two_tone,))
     for seed in range(6):
-        bg = scenes.make_photo_background(np.random.default_rng(seed), 16)
+        bg = ph.make_photo_background(np.random.default_rng(seed), 16)
         assert bg.shape == (16, 16, 3) and np.allclose(bg, bg[:1], atol=1 / 255)  # columns constant
         assert bg.min() >= 0.2 - 1 / 255 and bg.max() <= 0.8 + 1 / 255
 
@@ -249,12 +249,12 @@ def test_photo_style_without_scikit_image_names_the_extra(monkeypatch):
     import importlib.util
 
     from densessl.config import ConfigError
-    from densessl.data import scenes
+    from densessl.data import photos as ph
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    scenes.load_photos.cache_clear()
+    ph.load_photos.cache_clear()
     try:
         with pytest.raises(ConfigError, match=r"data.style=photo needs .*scikit-image.*densessl\[photos\]"):
-            scenes.load_photos()
+            ph.load_photos()
     finally:
-        scenes.load_photos.cache_clear()
+        ph.load_photos.cache_clear()
