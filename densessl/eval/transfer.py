@@ -171,7 +171,7 @@ def build_task_dataset(data: TransferData, split: str, task: str):
         ds = _InMemory([view[i] for i in range(len(view))])
         classes = tuple(CLASSES)
     elif data.dataset == "moving_scenes":
-        from densessl.data.video import moving_scenes_segmentation
+        from densessl.data.moving_scenes import moving_scenes_segmentation
 
         if task != "segmentation":
             raise ConfigError(f"moving_scenes serves the segmentation task only, not {task!r}")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from densessl.data import flow as fl
-from densessl.data.video import MovingScenes
+from densessl.data.moving_scenes import MovingScenes
 
 
 def const(dx, dy, h=12, w=16):

@@ -6,7 +6,8 @@ from PIL import Image
 
 from densessl.config import ViewConfig
 from densessl.data import flow as fl
-from densessl.data.video import (FramePairViews, MovingSceneFrames, MovingScenes, VideoFrames, VideoReadError,
+from densessl.data.moving_scenes import MovingSceneFrames, MovingScenes, moving_scenes_segmentation
+from densessl.data.video import (FramePairViews, VideoFrames, VideoReadError,
                                  collate_frame_pairs, precompute_flows)
 
 GROUPS = [ViewConfig(size=32, scale=(0.3, 1.0)), ViewConfig(size=32, scale=(0.3, 1.0))]
@@ -232,7 +233,6 @@ def test_estimated_flow_is_cached_and_precomputed(tmp_path):
 
 
 def test_segmentation_items_from_moving_scenes():
-    from densessl.data.video import moving_scenes_segmentation
 
     items, classes = moving_scenes_segmentation("val", 5, size=32, frames_per_video=2, num_frames=4)
     assert len(items) == 5 and classes[0] == "background" and len(classes) == 11
