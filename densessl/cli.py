@@ -114,33 +114,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint or the random-init baseline")
     ev_sub = ev.add_subparsers(dest="protocol", required=True)
-    for name, help_ in [("knn", "weighted kNN (cosine) on frozen features"),
-                        ("linear", "offline single-label linear probe on cached features"),
-                        ("multilabel", "multi-label linear probe (BCE), mean average precision"),
-                        ("frozen", "knn, linear and multilabel in one call (features extracted once)")]:
+    ckpt = "a densessl checkpoint, or the word 'random'"
+    frozen = ("e.g. k=20 temperature=0.07 num_train=5000 model.backbone=...; multilabel also takes "
+              "data.dataset=voc|coco data.root=... (see docs/interop.md)")
+    finetune = "key=value overrides, e.g. preset=scenes iterations=200 data.dataset=voc data.root=... (see docs/interop.md)"
+    dense = ("e.g. preset=scenes|paper random_init_seed=1 retrieval.k=30 seg.epochs=20 data.dataset=voc data.root=... "
+             "(see docs/dense-eval.md)")
+    for name, help_, func, ckpt_help, overrides_help in [
+            ("knn", "weighted kNN (cosine) on frozen features", cmd_eval, ckpt, frozen),
+            ("linear", "offline single-label linear probe on cached features", cmd_eval, ckpt, frozen),
+            ("multilabel", "multi-label linear probe (BCE), mean average precision", cmd_eval, ckpt, frozen),
+            ("frozen", "knn, linear and multilabel in one call (features extracted once)", cmd_eval, ckpt, frozen),
+            ("detection", "fine-tune Faster R-CNN + FPN on the backbone; COCO AP/AP50/AP75", cmd_eval_detection,
+             "a densessl checkpoint, a densessl .safetensors backbone, or 'random'", finetune),
+            ("segmentation", "FCN/DeepLabV3 head on the backbone (frozen or fine-tuned); mIoU", cmd_eval_segmentation,
+             "a densessl checkpoint, a densessl .safetensors backbone, or 'random'", finetune),
+            ("dense", "the four frozen dense probes below on one dense feature extraction", cmd_eval_dense, ckpt, dense),
+            ("retrieval", "dense retrieval (Hummingbird): kNN label transfer of patches, mIoU", cmd_eval_dense, ckpt,
+             dense),
+            ("linear-seg", "BN + 1x1 conv on frozen stage maps, lr chosen on train; mIoU, fg mIoU", cmd_eval_dense,
+             ckpt, dense),
+            ("overcluster", "k-means on frozen patches, Hungarian and many-to-one matching; mIoU", cmd_eval_dense,
+             ckpt, dense),
+            ("region", "RoIAlign features at ground-truth boxes, linear + kNN; accuracy by size", cmd_eval_dense, ckpt,
+             dense)]:
         q = ev_sub.add_parser(name, help=help_)
-        q.add_argument("checkpoint", help="a densessl checkpoint, or the word 'random'")
-        q.add_argument("overrides", nargs="*", help="e.g. k=20 temperature=0.07 num_train=5000 model.backbone=...; "
-                       "multilabel also takes data.dataset=voc|coco data.root=... (see docs/interop.md)")
-        q.set_defaults(func=cmd_eval)
-    for name, help_, func in [
-            ("detection", "fine-tune Faster R-CNN + FPN on the backbone; COCO AP/AP50/AP75", cmd_eval_detection),
-            ("segmentation", "FCN/DeepLabV3 head on the backbone (frozen or fine-tuned); mIoU", cmd_eval_segmentation)]:
-        q = ev_sub.add_parser(name, help=help_)
-        q.add_argument("checkpoint", help="a densessl checkpoint, a densessl .safetensors backbone, or 'random'")
-        q.add_argument("overrides", nargs="*", help="key=value overrides, e.g. preset=scenes iterations=200 "
-                       "data.dataset=voc data.root=... (see docs/interop.md)")
+        q.add_argument("checkpoint", help=ckpt_help)
+        q.add_argument("overrides", nargs="*", help=overrides_help)
         q.set_defaults(func=func)
-    for name, help_ in [("dense", "the four frozen dense probes below on one dense feature extraction"),
-                        ("retrieval", "dense retrieval (Hummingbird): kNN label transfer of patches, mIoU"),
-                        ("linear-seg", "BN + 1x1 conv on frozen stage maps, lr chosen on train; mIoU, fg mIoU"),
-                        ("overcluster", "k-means on frozen patches, Hungarian and many-to-one matching; mIoU"),
-                        ("region", "RoIAlign features at ground-truth boxes, linear + kNN; accuracy by size")]:
-        q = ev_sub.add_parser(name, help=help_)
-        q.add_argument("checkpoint", help="a densessl checkpoint, or the word 'random'")
-        q.add_argument("overrides", nargs="*", help="e.g. preset=scenes|paper random_init_seed=1 retrieval.k=30 "
-                       "seg.epochs=20 data.dataset=voc data.root=... (see docs/dense-eval.md)")
-        q.set_defaults(func=cmd_eval_dense)
 
     from densessl.interop import EXPORT_FORMATS, LAYOUTS
 
