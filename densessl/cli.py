@@ -1,4 +1,4 @@
-"""densessl command line: pretrain, eval, export, import, data, demo."""
+"""densessl command line: pretrain, eval, export, import, data, bench, study, report, demo."""
 from __future__ import annotations
 
 import argparse
@@ -31,14 +31,14 @@ def _transfer_dataset(overrides: list[str]) -> str | None:
 
 
 def cmd_eval(args) -> int:
-    from densessl.eval.protocols import default_out, eval_config, evaluate, write_metrics
+    from densessl.eval.protocols import PROTOCOLS, default_out, eval_config, evaluate, write_metrics
 
     if args.protocol == "multilabel" and _transfer_dataset(args.overrides):
         from densessl.eval.multilabel_transfer import run_cli
 
         return run_cli(args.checkpoint, args.overrides)
     cfg = eval_config(args.overrides)
-    protocols = FROZEN_PROTOCOLS if args.protocol == "frozen" else [args.protocol]
+    protocols = list(PROTOCOLS) if args.protocol == "frozen" else [args.protocol]
     result = evaluate(args.checkpoint, protocols, cfg)
     out = default_out(args.checkpoint, args.protocol, cfg)
     write_metrics(result, out)
@@ -49,10 +49,6 @@ def cmd_eval(args) -> int:
         print(f"{p} settings: {result[p]['settings']}")
     print(f"wrote {out}")
     return 0
-
-
-# `densessl eval frozen`: the three frozen-feature protocols in one call, features extracted once
-FROZEN_PROTOCOLS = ["knn", "linear", "multilabel"]
 
 
 def cmd_eval_detection(args) -> int:
@@ -91,6 +87,31 @@ def cmd_import(args) -> int:
     out = save_imported(backbone, args.out, source=f"{args.layout}:{args.path}")
     print(report.summary())
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_study(args) -> int:
+    from pathlib import Path
+
+    from densessl.study import default_paths, load_study, run_study
+
+    study = load_study(args.study)
+    table, runs = default_paths(study)
+    run_study(study, Path(args.table) if args.table else table, Path(args.runs) if args.runs else runs,
+              stop_after_minutes=args.stop_after_minutes, only=args.only or None)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from densessl.report import write_report
+    from densessl.study import default_paths, load_study
+
+    study = load_study(args.study)
+    table = Path(args.table) if args.table else default_paths(study)[0]
+    for path in write_report(study, table, Path(args.out), Path(args.figure) if args.figure else None):
+        print(f"wrote {path}")
     return 0
 
 
@@ -171,6 +192,22 @@ def build_parser() -> argparse.ArgumentParser:
     from densessl.bench import add_bench_commands
 
     add_bench_commands(b.add_subparsers(dest="bench_command", required=True))
+
+    st = sub.add_parser("study", help="run a declared grid of pretrainings x seeds x protocols (resumable)")
+    st.add_argument("study", help="a study name (see densessl/studies) or a YAML path")
+    st.add_argument("--table", help="the results table (default: runs/studies/NAME/results.jsonl)")
+    st.add_argument("--runs", help="the folder of run folders (default: runs/studies/NAME)")
+    st.add_argument("--stop-after-minutes", type=float, default=None,
+                    help="start no new backbone after this many minutes (rerun to continue)")
+    st.add_argument("--only", action="append", default=[], metavar="RUN", help="only this run name (repeatable)")
+    st.set_defaults(func=cmd_study)
+
+    rp = sub.add_parser("report", help="the results page (tables, claims, chart) from a study's table")
+    rp.add_argument("study", help="a study name or a YAML path")
+    rp.add_argument("--table", help="the results table (default: runs/studies/NAME/results.jsonl)")
+    rp.add_argument("--out", default="docs/results.md", help="the page to write (default: docs/results.md)")
+    rp.add_argument("--figure", help="the chart (default: beside the page, <out stem>.png)")
+    rp.set_defaults(func=cmd_report)
 
     from densessl.demo import RECIPE
 

@@ -1,0 +1,314 @@
+"""``densessl study NAME``: a declared grid of pretrainings and evaluations, resumable.
+
+A study (``densessl/studies/NAME.yaml``, or a YAML path) lists runs (a recipe, overrides, a
+budget) x seeds, the random-init baseline at several weight seeds, and protocols (``densessl
+eval`` commands with overrides). Every (run, seed) is pretrained into its own run folder
+and every protocol evaluated on it; each evaluation appends one row to the table
+(``results.jsonl``). Rerunning the same command skips every row already in the table and
+resumes a pretraining that was killed from its last checkpoint, so a study can be stopped
+anywhere. Under torchrun, pretraining uses every process and rank 0 evaluates while the others
+wait.
+
+A row: study, run, recipe, seed, epochs, protocol, metrics (flat name -> value), config_hash
+(the resolved pretraining config without run folder and logging keys), eval_hash, minutes
+(pretraining, over all its sessions; evaluation), machine, densessl version, finished_at.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from densessl.config import ConfigError, build_config, from_dict, to_dict
+
+STUDIES_DIR = Path(__file__).parent / "studies"
+DENSE_COMMANDS = ("dense", "retrieval", "linear-seg", "overcluster", "region")
+FROZEN_COMMANDS = ("frozen", "knn", "linear", "multilabel")
+
+
+@dataclass
+class StudyRun:
+    recipe: str
+    name: str | None = None  # the row's run name (default: the recipe)
+    epochs: int | None = None  # the budget (default: the recipe's train.epochs)
+    overrides: list[str] = field(default_factory=list)
+    seeds: list[int] | None = None  # default: the study's seeds
+
+    @property
+    def label(self) -> str:
+        return self.name or self.recipe
+
+
+@dataclass
+class StudyProtocol:
+    name: str
+    eval: str  # a `densessl eval` command: frozen, knn, linear, multilabel, dense, retrieval, ...
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RandomBaseline:
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    overrides: list[str] = field(default_factory=list)  # the architecture: model.backbone=... model.width=...
+
+
+@dataclass
+class Claim:
+    claim: str  # what the paper says, in words
+    protocol: str
+    metric: str
+    better: str  # run name expected higher
+    worse: str  # run name expected lower
+    source: str = ""
+
+
+@dataclass
+class ReportMetric:
+    protocol: str
+    metric: str
+    label: str
+
+
+@dataclass
+class Study:
+    name: str
+    description: str = ""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    pretrain_overrides: list[str] = field(default_factory=list)  # added to every run
+    random: RandomBaseline = field(default_factory=RandomBaseline)
+    runs: list[StudyRun] = field(default_factory=list)
+    protocols: list[StudyProtocol] = field(default_factory=list)
+    claims: list[Claim] = field(default_factory=list)
+    report: list[ReportMetric] = field(default_factory=list)  # the headline metrics of the results page
+
+
+def find_study(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if p.exists():
+            return p
+        raise ConfigError(f"study file {p} not found")
+    candidate = STUDIES_DIR / f"{name_or_path}.yaml"
+    if not candidate.exists():
+        known = ", ".join(sorted(q.stem for q in STUDIES_DIR.glob("*.yaml")))
+        raise ConfigError(f"study '{name_or_path}' not found (a .yaml path or one of: {known})")
+    return candidate
+
+
+def load_study(name_or_path: str) -> Study:
+    import yaml
+
+    path = find_study(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse study {path}: {' '.join(str(e).split())}") from e
+    study = from_dict(Study, raw)
+    names = [r.label for r in study.runs]
+    if "random" in names or len(set(names)) != len(names):
+        raise ConfigError(f"{path}: run names must be unique and not 'random' (got {names}); set runs[i].name")
+    protos = [p.name for p in study.protocols]
+    if len(set(protos)) != len(protos):
+        raise ConfigError(f"{path}: protocol names must be unique (got {protos})")
+    for p in study.protocols:
+        if p.eval not in DENSE_COMMANDS + FROZEN_COMMANDS:
+            raise ConfigError(f"{path}: protocol {p.name!r} has eval={p.eval!r}; expected one of "
+                              f"{', '.join(FROZEN_COMMANDS + DENSE_COMMANDS)}")
+    for c in study.claims:
+        for key, value in (("protocol", c.protocol), ("better", c.better), ("worse", c.worse)):
+            if value not in (protos if key == "protocol" else names + ["random"]):
+                raise ConfigError(f"{path}: claim {c.claim!r} names {key}={value!r}, which the study does not declare")
+    return study
+
+
+# ---------------------------------------------------------------- the table
+
+
+def read_table(path: Path) -> list[dict]:
+    """The rows of a results table; a line cut by a kill mid-write is skipped."""
+    rows = []
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def row_key(row: dict) -> tuple:
+    return row["run"], row["seed"], row["protocol"]
+
+
+def append_row(path: Path, row: dict) -> None:
+    """One JSON line, written with one call and fsynced: a kill leaves the row whole or cut."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cut = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    with open(path, "a") as f:
+        f.write(("\n" if cut else "") + json.dumps(row) + "\n")  # after a cut line: on a line of its own
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def flat_metrics(result: dict, eval_command: str) -> dict[str, float]:
+    """The headline numbers of one eval result, as flat names: ``knn_top1``, ``retrieval.mIoU.c3+c4.1``."""
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[prefix] = float(value)
+
+    for name, section in result.items():
+        if not isinstance(section, dict) or name in ("model", "features"):
+            continue
+        if eval_command in FROZEN_COMMANDS:  # {"knn_top1": ..., "settings": ...}
+            walk("", {k: v for k, v in section.items() if k not in ("settings", "seconds")})
+        else:  # dense: summary tables beside "results" (per-class detail) and "settings"
+            walk(name, {k: v for k, v in section.items() if k not in ("results", "settings", "seconds", "skipped")})
+    return out
+
+
+def config_hash(tree: dict) -> str:
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _pretrain_hash(cfg) -> str:
+    from densessl.engine.trainer import RESUME_FREE_KEYS
+
+    tree = to_dict(cfg)
+    tree.pop("run_dir", None)
+    for key in RESUME_FREE_KEYS:
+        section, _, name = key.partition(".")
+        tree.get(section, {}).pop(name, None)
+    return config_hash(tree)
+
+
+# ---------------------------------------------------------------- running
+
+
+@dataclass
+class Unit:
+    """One backbone of the study: a (run, seed) to pretrain, or a random-init weight seed."""
+    run: str
+    seed: int
+    recipe: str | None = None
+    overrides: list[str] = field(default_factory=list)
+
+
+def units(study: Study) -> list[Unit]:
+    out = [Unit("random", s) for s in study.random.seeds]
+    for r in study.runs:
+        budget = [f"train.epochs={r.epochs}"] if r.epochs is not None else []
+        for s in (r.seeds if r.seeds is not None else study.seeds):
+            out.append(Unit(r.label, s, r.recipe, [*study.pretrain_overrides, *r.overrides, *budget]))
+    return out
+
+
+def run_study(study: Study, table: Path, runs_dir: Path, stop_after_minutes: float | None = None,
+              only: list[str] | None = None, log=print) -> dict:
+    """Pretrain and evaluate what the table lacks; returns counts of rows written and skipped."""
+    from densessl.engine.distributed import init_distributed
+
+    start = time.perf_counter()
+    dist = init_distributed("auto", timeout_s=4 * 3600)  # other ranks wait while rank 0 evaluates
+    done = {row_key(r) for r in read_table(table)}
+    written = skipped = 0
+    for unit in units(study):
+        if only and unit.run not in only:
+            continue
+        missing = [p for p in study.protocols if (unit.run, unit.seed, p.name) not in done]
+        skipped += len(study.protocols) - len(missing)
+        if not missing:
+            continue
+        if stop_after_minutes is not None and (time.perf_counter() - start) / 60 > stop_after_minutes:
+            log(f"study {study.name}: stopping after {stop_after_minutes} minutes (stop_after_minutes); "
+                f"rerun the same command to continue")
+            break
+        spec, info = _backbone(study, unit, runs_dir, dist, log)
+        if dist.is_main:
+            for p in missing:
+                row = _evaluate(study, unit, p, spec, info, runs_dir, log)
+                append_row(table, row)
+                written += 1
+        if dist.world_size > 1:
+            import torch.distributed
+
+            torch.distributed.barrier()
+    log(f"study {study.name}: {written} rows written, {skipped} already in {table}")
+    return {"written": written, "skipped": skipped}
+
+
+def unit_dir(runs_dir: Path, unit: Unit) -> Path:
+    return Path(runs_dir) / unit.run / f"seed{unit.seed}"
+
+
+def _backbone(study: Study, unit: Unit, runs_dir: Path, dist, log) -> tuple[str, dict]:
+    """(eval spec, row fields): the random baseline, or the unit's pretrained checkpoint."""
+    if unit.recipe is None:
+        return "random", {"recipe": None, "epochs": 0, "config_hash": None, "pretrain_minutes": 0.0}
+    from densessl.engine.distributed import rank_failures_reported
+    from densessl.engine.trainer import Trainer
+
+    folder = unit_dir(runs_dir, unit)
+    cfg = build_config(unit.recipe, [*unit.overrides, f"train.seed={unit.seed}", f"run_dir={folder}"])
+    timing = folder / "study_minutes.json"  # pretraining minutes summed over interrupted sessions
+    before = json.loads(timing.read_text())["minutes"] if timing.exists() else 0.0
+    t0 = time.perf_counter()
+    log(f"study {study.name}: pretraining {unit.run} seed {unit.seed} ({cfg.train.epochs} epochs) in {folder}")
+    with rank_failures_reported(folder / "checkpoints" / "last.pt"):
+        result = Trainer(cfg, dist_info=dist).fit()  # a finished run returns at once
+    minutes = before + (time.perf_counter() - t0) / 60
+    if dist.is_main:
+        timing.write_text(json.dumps({"minutes": minutes}))
+    return result["checkpoint"], {"recipe": unit.recipe, "epochs": cfg.train.epochs,
+                                  "config_hash": _pretrain_hash(cfg), "pretrain_minutes": round(minutes, 2)}
+
+
+def _evaluate(study: Study, unit: Unit, protocol: StudyProtocol, spec: str, info: dict, runs_dir: Path,
+              log) -> dict:
+    from densessl import __version__
+    from densessl.bench import _hardware
+    from densessl.eval.protocols import write_metrics
+
+    out = unit_dir(runs_dir, unit) / "eval" / f"{protocol.name}.json"
+    overrides = [*protocol.overrides, f"out={out}"]
+    if spec == "random":
+        overrides = [*study.random.overrides, *overrides, f"random_init_seed={unit.seed}"]
+    t0 = time.perf_counter()
+    log(f"study {study.name}: {protocol.name} ({protocol.eval}) on {unit.run} seed {unit.seed}")
+    if protocol.eval in DENSE_COMMANDS:
+        from densessl.eval.dense.config import dense_config
+        from densessl.eval.dense.run import COMMANDS, evaluate_dense
+
+        cfg = dense_config(overrides)
+        probes = list(cfg.probes) if protocol.eval == "dense" else [COMMANDS[protocol.eval]]
+        result = evaluate_dense(spec, probes, cfg, log=lambda *a: None)
+    else:
+        from densessl.eval.protocols import PROTOCOLS, eval_config, evaluate
+
+        cfg = eval_config(overrides)
+        result = evaluate(spec, list(PROTOCOLS) if protocol.eval == "frozen" else [protocol.eval], cfg)
+    write_metrics(result, out)
+    eval_tree = to_dict(cfg)
+    eval_tree.pop("out", None)
+    return {"study": study.name, "run": unit.run, "recipe": info["recipe"], "seed": unit.seed,
+            "epochs": info["epochs"], "protocol": protocol.name, "eval": protocol.eval,
+            "metrics": flat_metrics(result, protocol.eval), "config_hash": info["config_hash"],
+            "eval_hash": config_hash(eval_tree), "pretrain_minutes": info["pretrain_minutes"],
+            "eval_minutes": round((time.perf_counter() - t0) / 60, 2), "machine": _hardware(),
+            "densessl": __version__, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def default_paths(study: Study) -> tuple[Path, Path]:
+    """(table, runs folder) of a study when not given: runs/studies/NAME/."""
+    base = Path("runs") / "studies" / study.name
+    return base / "results.jsonl", base
+
+
+__all__ = ["Study", "load_study", "read_table", "run_study", "flat_metrics", "units", "default_paths"]

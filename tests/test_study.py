@@ -1,0 +1,132 @@
+"""`densessl study` and `densessl report` end to end on a tiny grid: killed mid-run and rerun,
+every row is in the table once, and the page's numbers are the table's."""
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY
+from densessl.cli import main
+from densessl.report import interval, verdict, welch
+from densessl.study import Claim, append_row, flat_metrics, load_study, read_table, run_study
+
+PRETRAIN = [o for o in TINY if not o.startswith("method.")] + ["train.log_every=1"]
+FROZEN = ["num_train=40", "num_test=20", "epochs=2", "k=5", "data.size=32", "data.num_scenes=64"]
+DENSE = ["model.width=8", "data.size=32", "data.num_workers=0", "num_train=16", "num_test=8",
+         "retrieval.stages=[c4]", "retrieval.memory_size=128", "retrieval.fractions=[1.0]", "k=5"]
+
+
+def tiny_study(tmp_path: Path, name: str = "tiny") -> Path:
+    study = {
+        "name": name, "seeds": [0, 1], "pretrain_overrides": PRETRAIN,
+        "random": {"seeds": [0, 1], "overrides": ["model.backbone=resnet18_small", "model.width=8"]},
+        "protocols": [{"name": "frozen", "eval": "knn", "overrides": FROZEN},
+                      {"name": "dense", "eval": "retrieval", "overrides": DENSE}],
+        "runs": [{"recipe": "byol-scenes", "epochs": 1, "overrides": ["method.proj_hidden_dim=32", "method.proj_dim=16",
+                                                                       "method.pred_hidden_dim=32"]}],
+        "claims": [{"claim": "BYOL > random on kNN", "protocol": "frozen", "metric": "knn_top1",
+                    "better": "byol-scenes", "worse": "random"}],
+        "report": [{"protocol": "frozen", "metric": "knn_top1", "label": "kNN"},
+                   {"protocol": "dense", "metric": "retrieval.mIoU.c4.1", "label": "retrieval"}]}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+@pytest.mark.slow
+def test_a_study_killed_mid_run_and_rerun_has_each_row_once_and_the_report_matches_the_table(tmp_path):
+    path = tiny_study(tmp_path)
+    table, runs = tmp_path / "results.jsonl", tmp_path / "runs"
+    cmd = [sys.executable, "-m", "densessl", "study", str(path), "--table", str(table), "--runs", str(runs)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt = runs / "byol-scenes" / "seed0" / "checkpoints" / "last.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # during the first pretraining: the random rows are in, seed 0 is not
+    proc.wait()
+    before = read_table(table)
+    assert {(r["run"], r["seed"]) for r in before} <= {("random", 0), ("random", 1)}
+    assert len(before) == 4  # both random seeds x both protocols, written before the first pretraining
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "4 already in" in rerun.stdout and "4 rows written" in rerun.stdout
+    rows = read_table(table)
+    keys = [(r["run"], r["seed"], r["protocol"]) for r in rows]
+    assert sorted(keys) == sorted({(run, s, p) for run in ("random", "byol-scenes") for s in (0, 1)
+                                   for p in ("frozen", "dense")})  # each once
+    assert all(r["config_hash"] for r in rows if r["run"] != "random")
+    assert len({r["config_hash"] for r in rows if r["run"] == "byol-scenes" and r["seed"] == 0}) == 1
+    # a third run writes nothing
+    third = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert "0 rows written, 8 already in" in third.stdout
+    # the report's numbers are the table's
+    out = tmp_path / "results.md"
+    assert main(["report", str(path), "--table", str(table), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert (tmp_path / "results.png").stat().st_size > 0
+    knn = [r["metrics"]["knn_top1"] for r in sorted(rows, key=lambda r: r["seed"])
+           if r["run"] == "byol-scenes" and r["protocol"] == "frozen"]
+    m, h = interval(knn)
+    line = next(ln for ln in page.splitlines() if ln.startswith("| byol-scenes |"))
+    assert f"{100 * m:.1f} ± {100 * h:.1f} (n=2)" in line
+    rnd = [r["metrics"]["knn_top1"] for r in rows if r["run"] == "random" and r["protocol"] == "frozen"]
+    line = next(ln for ln in page.splitlines() if ln.startswith("| random |"))
+    assert f"{100 * min(rnd):.1f}-{100 * max(rnd):.1f} (n=2)" in line
+    assert "Progress: 8 of 8 rows" in page
+
+
+def test_rows_already_in_the_table_are_skipped_and_a_cut_line_is_ignored(tmp_path):
+    study = load_study(str(tiny_study(tmp_path)))
+    study.runs = []  # the random baseline only: evaluations, no pretraining
+    study.protocols = study.protocols[:1]
+    table = tmp_path / "t.jsonl"
+    assert run_study(study, table, tmp_path / "runs", log=lambda *a: None) == {"written": 2, "skipped": 0}
+    with open(table, "a") as f:
+        f.write('{"run": "random", "seed"')  # a row cut by a kill mid-write
+    assert len(read_table(table)) == 2
+    append_row(table, {"run": "x", "seed": 0, "protocol": "p"})
+    assert [r["run"] for r in read_table(table)] == ["random", "random", "x"]  # the new row is whole
+    assert run_study(study, table, tmp_path / "runs", log=lambda *a: None) == {"written": 0, "skipped": 2}
+
+
+def test_flat_metrics_keep_the_summary_numbers_and_drop_per_class_detail():
+    frozen = {"backbone": "b", "model": {"width": 8}, "knn": {"knn_top1": 0.5, "settings": {"k": 5}, "seconds": 1.0}}
+    assert flat_metrics(frozen, "frozen") == {"knn_top1": 0.5}
+    dense = {"retrieval": {"mIoU": {"c4": {"1": 0.25}}, "results": {"c4": {"1": {"mIoU": 0.25, "x": 1}}},
+                           "seconds": 3.0},
+             "region": {"acc": {"c4": {"linear": 0.5, "knn": 0.4}}, "settings": {"k": 5}}}
+    assert flat_metrics(dense, "dense") == {"retrieval.mIoU.c4.1": 0.25, "region.acc.c4.linear": 0.5,
+                                            "region.acc.c4.knn": 0.4}
+
+
+def test_intervals_and_verdicts_by_hand():
+    m, h = interval([1.0, 2.0, 3.0])
+    assert m == 2.0 and math.isclose(h, 4.302652729911275 * 1.0 / math.sqrt(3))  # t(0.975, 2) x s / sqrt(n)
+    d, lo, hi = welch([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+    assert d == 0 and lo < 0 < hi
+    rows = [{"run": run, "seed": s, "protocol": "p", "metrics": {"m": v}}
+            for run, vals in (("a", [0.50, 0.52, 0.51]), ("b", [0.30, 0.31, 0.29])) for s, v in enumerate(vals)]
+    claim = Claim("a > b", "p", "m", "a", "b")
+    assert verdict(rows, claim)["verdict"] == "holds"
+    assert verdict(rows, Claim("b > a", "p", "m", "b", "a"))["verdict"].startswith("does not hold")
+    assert verdict(rows[:4], claim)["verdict"].startswith("inconclusive (seeds: 3 vs 1")
+
+
+def test_a_study_naming_an_undeclared_run_is_one_clear_error(tmp_path, capsys):
+    path = tiny_study(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["claims"][0]["worse"] = "mocov2-scenes"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["study", str(path), "--table", str(tmp_path / "t.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("densessl: error: ") and "worse='mocov2-scenes'" in err and err.count("\n") == 1
