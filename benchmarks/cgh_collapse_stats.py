@@ -17,7 +17,7 @@ import torch
 from densessl.config import build_config
 from densessl.data.augment import normalize
 from densessl.data.scenes import FashionScenes
-from densessl.engine.checkpoint import load_checkpoint
+from densessl.common.checkpoint import load_checkpoint
 from densessl.engine.trainer import Trainer
 
 

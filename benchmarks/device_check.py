@@ -48,6 +48,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from densessl import bench  # noqa: E402
+from densessl.common.machine import describe_machine  # noqa: E402
 
 METHODS = ("byol", "pixpro", "swav")
 STAGES = ("steps", "pretrain", "compiled")
@@ -193,7 +194,7 @@ def environment(stage: dict, args) -> None:
            "cuda_available": cuda, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
            "cudnn_benchmark": torch.backends.cudnn.benchmark,
            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
-           "cpu": bench._hardware(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "cpu": describe_machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "device_used": "cuda" if cuda_in_use(args) else "cpu"}
     if cuda:
         props = torch.cuda.get_device_properties(0)
@@ -523,7 +524,7 @@ def pretrain_stage(stage: dict, args, report: dict) -> None:
 
 def pretrain_records(stage: dict, metrics: Path, batch: int) -> list[dict]:
     """The run's step records, summarised into `stage` (never raises: it also runs on the way out)."""
-    from densessl.engine.trainer import read_metrics
+    from densessl.common.metrics_jsonl import read_metrics
 
     try:
         records = [r for r in read_metrics(metrics) if "images_per_s" in r] if metrics.exists() else []

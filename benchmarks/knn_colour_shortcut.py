@@ -19,7 +19,8 @@ from densessl.data.augment import rgb_to_gray
 from densessl.data.build import build_dataset
 from densessl.eval.features import extract_features
 from densessl.eval.knn import knn_accuracy
-from densessl.eval.protocols import eval_config, load_eval_backbone
+from densessl.eval.backbone import load_backbone
+from densessl.eval.protocols import eval_config
 
 BINS = 4
 
@@ -75,7 +76,7 @@ if __name__ == "__main__":
     for arg in sys.argv[1:]:
         spec, extra = ("random", [f"random_init_seed={arg.split(':')[1]}"]) if arg.startswith("random:") else (arg, [])
         cfg = eval_config(extra)
-        backbone, desc = load_eval_backbone(spec, cfg)
+        backbone, desc = load_backbone(spec, cfg)
         dtype = torch.bfloat16 if cfg.precision == "bf16" else None  # as FeatureCache
 
         def features(ds):

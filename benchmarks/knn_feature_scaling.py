@@ -10,14 +10,15 @@ cosine similarity).
 import sys
 
 from densessl.eval.knn import knn_accuracy
-from densessl.eval.protocols import FeatureCache, eval_config, load_eval_backbone
+from densessl.eval.backbone import load_backbone
+from densessl.eval.protocols import FeatureCache, eval_config
 
 if __name__ == "__main__":
     print("| backbone | raw | centred | standardised | mean share |\n|---|---:|---:|---:|---:|")
     for arg in sys.argv[1:]:
         spec, extra = ("random", [f"random_init_seed={arg.split(':')[1]}"]) if arg.startswith("random:") else (arg, [])
         cfg = eval_config(extra)
-        backbone, desc = load_eval_backbone(spec, cfg)
+        backbone, desc = load_backbone(spec, cfg)
         cache = FeatureCache(backbone, cfg)
         (xtr, ytr), (xte, yte) = cache.get(True, "train"), cache.get(True, "val")
         mu, sd = xtr.mean(0), xtr.std(0) + 1e-6

@@ -10,7 +10,7 @@
 # and multi-label mAP exactly as `densessl eval` (5000 train / 2000 val; 100-epoch probes).
 # A finished run (its last.pt at the final step) is not retrained.
 #
-# Environment (defaults in brackets): METHODS [byol moco densecl pixpro scrl cgh swav ssprl gaelle],
+# Environment (defaults in brackets): METHODS [byol mocov2 densecl pixpro scrl cgh swav ssprl gaelle],
 # EPOCHS [3], KNN_EVERY [156], OUT [runs/methods-scenes], PY [.venv/bin/python], EXTRA (more
 # pretraining overrides for every method), RANDOM_SEEDS [0 1 2 3 4 5] (random-init weight seeds;
 # seed 0 is the initial backbone of every run here, whose train.seed is 0).
@@ -21,7 +21,7 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/methods-scenes}
 EPOCHS=${EPOCHS:-3}
 KNN_EVERY=${KNN_EVERY:-156}
-METHODS=${METHODS:-"byol moco densecl pixpro scrl cgh swav ssprl gaelle"}
+METHODS=${METHODS:-"byol mocov2 densecl pixpro scrl cgh swav ssprl gaelle"}
 RANDOM_SEEDS=${RANDOM_SEEDS:-"0 1 2 3 4 5"}
 EXTRA=${EXTRA:-}
 mkdir -p "$OUT"

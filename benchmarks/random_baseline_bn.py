@@ -14,7 +14,7 @@ import torch
 
 from densessl.data.augment import normalize
 from densessl.data.scenes import FashionItems, FashionScenes
-from densessl.engine.checkpoint import load_backbone
+from densessl.eval.backbone import load_checkpoint_backbone
 from densessl.eval.knn import knn_accuracy
 from densessl.models.backbones import build_backbone
 
@@ -49,7 +49,7 @@ def main(checkpoint):
     xsc, _ = stack(FashionScenes("train", 1024, with_masks=False), None)
     torch.manual_seed(0)
     random_bb = build_backbone("resnet18_small", 32)
-    rows = [("random init", random_bb), (checkpoint, load_backbone(checkpoint)[0])]
+    rows = [("random init", random_bb), (checkpoint, load_checkpoint_backbone(checkpoint)[0])]
     print("| backbone | kNN, stored BN statistics | kNN, BN statistics recomputed on scenes |")
     print("|---|---:|---:|")
     for name, bb in rows:

@@ -9,7 +9,7 @@ import os
 import statistics
 import sys
 
-from densessl.engine.trainer import read_metrics
+from densessl.common.metrics_jsonl import read_metrics
 
 STATISTICS = ("z_std", "dense_z_std", "pos_sim", "neg_sim", "teacher_entropy", "usage_entropy",
               "positives_per_image", "global", "dense")

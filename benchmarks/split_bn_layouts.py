@@ -60,7 +60,7 @@ def with_forward(step, forward):
 
 
 if __name__ == "__main__":
-    method = sys.argv[1] if len(sys.argv) > 1 else "moco"
+    method = sys.argv[1] if len(sys.argv) > 1 else "mocov2"
     check_equal()
     contenders = {}
     for impl, forward in (("fold", FOLD), ("var_mean", var_mean_forward)):

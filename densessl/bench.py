@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from densessl.common.machine import describe_machine
+
 
 @dataclass
 class Result:
@@ -160,13 +162,12 @@ def bench_step(backbone="resnet18", width=None, size=64, batch=64, rounds=7, wit
 # (view generation is measured separately). "small": the Fashion-Scenes recipe (resnet18_small,
 # 64 px); "paper": the paper-scale recipe (ResNet-50, 224 px crops; SwAV adds 6 x 96 px) with
 # Fashion-Scenes drawn at 224 px as the images and a CPU-sized batch.
-STEP_METHODS = ("byol", "moco", "densecl", "pixpro", "scrl", "cgh", "swav")
+STEP_METHODS = ("byol", "mocov2", "densecl", "pixpro", "scrl", "cgh", "swav")
 STEP_SCALES = {"small": "{}-scenes", "paper": "{}-imagenet"}
-PAPER_NAMES = {"moco": "mocov2"}  # mocov2-imagenet: the paper-scale recipe's own name
 
 
 def step_recipe(method: str, scale: str) -> str:
-    return STEP_SCALES[scale].format(PAPER_NAMES.get(method, method) if scale == "paper" else method)
+    return STEP_SCALES[scale].format(method)  # recipes are named <method>-<data>
 
 
 def recipe_step(method: str, scale: str, batch: int, precision: str, channels_last: bool, small_map_convs: bool,
@@ -399,25 +400,11 @@ def add_bench_commands(subparsers) -> None:
     v.set_defaults(func=_cmd_views)
 
 
-def _hardware() -> str:
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}; torch {torch.__version__}; {torch.get_num_threads()} threads"
-
-
 def _cmd_step(args) -> int:
     results = bench_step(args.backbone, args.width, args.size, args.batch, args.rounds, not args.no_lightly)
     ref = "lightly BYOL (fp32)" if any(r.name.startswith("lightly") for r in results) else results[0].name
     print(f"BYOL training step, {args.backbone}, {args.size} px, batch {args.batch}, {args.rounds} interleaved "
-          f"rounds; {_hardware()}")
+          f"rounds; {describe_machine()}")
     print(format_results(results, ref))
     flops = byol_step_flops(args.backbone, args.width, args.size, args.batch)
     best = max(r.images_per_s for r in results if r.name.startswith("densessl"))
@@ -429,7 +416,7 @@ def _cmd_step(args) -> int:
 
 def _cmd_methods(args) -> int:
     results = bench_methods(args.scale, args.methods, args.batch, args.rounds)
-    print(f"training steps ({args.scale} scale), {args.rounds} interleaved rounds; {_hardware()}")
+    print(f"training steps ({args.scale} scale), {args.rounds} interleaved rounds; {describe_machine()}")
     for name, res in results.items():
         print(f"\n{name} ({step_recipe(name, args.scale)}):")
         print(format_results(res, res[0].name))
@@ -438,7 +425,7 @@ def _cmd_methods(args) -> int:
 
 def _cmd_views(args) -> int:
     res = bench_views(args.folder, args.num, args.rounds)
-    print(f"view generation from {args.num} JPEGs (256 px), one process; {_hardware()}")
+    print(f"view generation from {args.num} JPEGs (256 px), one process; {describe_machine()}")
     for label, results in res.items():
         print(f"\n{label}")
         print(format_results(results, "seed-style PIL per image"))

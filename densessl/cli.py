@@ -8,13 +8,26 @@ import sys
 def cmd_pretrain(args) -> int:
     from pathlib import Path
 
-    from densessl.config import build_config
-    from densessl.engine.distributed import rank_failures_reported, shutdown_distributed
+    from densessl.config import RENAMED_RECIPES, build_config, config_yaml
+
+    if args.recipe in RENAMED_RECIPES:
+        print(f"densessl: recipe '{args.recipe}' was renamed to '{RENAMED_RECIPES[args.recipe]}'", file=sys.stderr)
+    cfg = build_config(args.recipe, args.overrides)
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
+    from densessl.common.distributed import rank_failures_reported, shutdown_distributed
     from densessl.engine.trainer import Trainer
 
-    cfg = build_config(args.recipe, args.overrides)
     with rank_failures_reported(Path(cfg.run_dir) / "checkpoints" / "last.pt"):  # under torchrun: a lost rank
-        result = Trainer(cfg).fit()
+        trainer = Trainer(cfg)
+        result = trainer.fit()
+        is_main = trainer.dist.is_main
+        del trainer  # no DDP module may outlive the process group (shutdown_distributed)
+    if is_main:
+        from densessl.report import plot_losses
+
+        plot_losses(Path(cfg.run_dir) / "metrics.jsonl", Path(cfg.run_dir) / "loss.png")
     shutdown_distributed()  # on success only: a failing rank must not wait at a barrier
     print(f"done: step {result['step']}, checkpoint {result['checkpoint']}")
     return 0
@@ -70,9 +83,10 @@ def cmd_eval_dense(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from densessl.interop import DETECTRON2_CONFIG, export_backbone, load_any_backbone
+    from densessl.eval.backbone import load_backbone_file
+    from densessl.interop import DETECTRON2_CONFIG, export_backbone
 
-    backbone = load_any_backbone(args.checkpoint)
+    backbone = load_backbone_file(args.checkpoint)
     out = export_backbone(backbone, args.to, args.out)
     print(f"wrote {out} ({args.to}, {backbone.name}, {len(backbone.state_dict())} tensors)")
     if args.to == "detectron2":
@@ -131,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain a backbone from a recipe (resumes a run folder by itself)")
     p.add_argument("recipe", help="a recipe name (see densessl/recipes) or a YAML path")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=5")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective config (YAML, after bases and overrides) and exit without training")
     p.set_defaults(func=cmd_pretrain)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint or the random-init baseline")
@@ -231,11 +247,16 @@ def error_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from densessl.config import ConfigError
-    from densessl.data.imagefolder import ImageReadError
-    from densessl.data.voc import AnnotationError
-    from densessl.engine.checkpoint import CheckpointError
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    # argparse ends the overrides list at a flag (`pretrain RECIPE --print-config k=v`): the
+    # key=value words after it are overrides too
+    if rest and isinstance(getattr(args, "overrides", None), list) and all("=" in r and not r.startswith("-")
+                                                                           for r in rest):
+        args.overrides += rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    from densessl.common.errors import AnnotationError, CheckpointError, ConfigError, ImageReadError
 
     try:
         return args.func(args) or 0

@@ -1,7 +1,11 @@
 """Typed configuration: YAML recipes, `key.sub=value` overrides, strict validation.
 
-A recipe is a YAML file (or a name in densessl/recipes/). `extends: other` merges the named
-recipe underneath. Overrides from the command line are parsed by OmegaConf's dotlist rules.
+A recipe is a YAML file (or a name in densessl/recipes/). `extends: NAME` or `extends: [NAME, ...]`
+merges the named files underneath, in order (later ones win, the recipe's own keys win over all):
+other recipes, the shared bases in recipes/_base/ (`_base/scenes`) and the view sets in
+recipes/views/ (`views/byol-pair-64`). Lists do not merge element-wise: a view set is a whole
+`views:` list, and a recipe that writes its own `views:` replaces the inherited one entirely.
+Overrides from the command line are parsed by OmegaConf's dotlist rules.
 The merged tree is then checked against the dataclasses below: an unknown key is rejected
 with the closest valid key suggested, a wrong type names the key, the expected type and the
 value. `method` is validated against the schema that the chosen method registers.
@@ -20,11 +24,10 @@ from typing import Any, Optional
 import yaml
 from omegaconf import OmegaConf
 
+from densessl.common.errors import ConfigError  # noqa: F401  (raised here; importers take it from here too)
+from densessl.common.registry import method_schema
+
 RECIPES_DIR = Path(__file__).parent / "recipes"
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def require_extra(module: str, extra: str, purpose: str):
@@ -89,7 +92,7 @@ class ViewConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion_scenes"  # fashion_scenes | imagefolder
+    dataset: str = "fashion_scenes"  # fashion_scenes | imagefolder | shards (data.root: `densessl data shard` OUT)
     root: Optional[str] = None  # imagefolder: the folder; fashion_scenes: Fashion-MNIST IDX folder
     num_scenes: int = 20000
     size: Optional[int] = 64  # fashion_scenes canvas side; imagefolder: resize+centre-crop side (null keeps)
@@ -245,32 +248,75 @@ def from_dict(cls, data: dict, path: str = ""):
 # ---------------------------------------------------------------- loading
 
 
+# Folders of RECIPES_DIR holding parts that recipes extend; they are not recipes to run.
+RECIPE_PARTS = ("_base", "views")
+# Old recipe names, still accepted: {old: new}. The CLI says so in one line.
+RENAMED_RECIPES = {"moco-scenes": "mocov2-scenes"}
+
+
+def recipe_names() -> list[str]:
+    """The runnable recipes shipped in densessl/recipes/ (bases and view sets are not)."""
+    return sorted(q.stem for q in RECIPES_DIR.glob("*.yaml"))
+
+
 def find_recipe(name_or_path: str) -> Path:
+    """A recipe's file: a .yaml path, a recipe name, or an old name (RENAMED_RECIPES)."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") and p.exists():
         return p
-    candidate = RECIPES_DIR / f"{p.stem if p.suffix else name_or_path}.yaml"
+    name = RENAMED_RECIPES.get(name_or_path, name_or_path)
+    if name.split("/")[0] in RECIPE_PARTS:
+        raise ConfigError(f"'{name_or_path}' is a part that recipes extend (densessl/recipes/{name}.yaml), "
+                          f"not a recipe; run one of: {', '.join(recipe_names())}")
+    candidate = RECIPES_DIR / f"{p.stem if p.suffix else name}.yaml"
     if candidate.exists():
         return candidate
-    known = sorted(q.stem for q in RECIPES_DIR.glob("*.yaml"))
+    known = recipe_names()
     close = difflib.get_close_matches(str(name_or_path), known, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     raise ConfigError(f"recipe '{name_or_path}' not found (a .yaml path or one of: {', '.join(known)}){hint}")
 
 
-def load_recipe_dict(name_or_path: str, _seen: tuple = ()) -> dict:
-    path = find_recipe(name_or_path)
-    if path in _seen:
-        raise ConfigError(f"recipe {path} extends itself through {_seen}")
+def _find_parent(name: str, child: Path) -> Path:
+    """What `extends: name` in `child` names: a recipe, or a part (`_base/NAME`, `views/NAME`)."""
+    if name.split("/")[0] not in RECIPE_PARTS:
+        return find_recipe(name)
+    path = RECIPES_DIR / f"{name}.yaml"
+    if not path.exists():
+        parts = sorted(str(q.relative_to(RECIPES_DIR).with_suffix("")) for d in RECIPE_PARTS
+                       for q in (RECIPES_DIR / d).glob("*.yaml"))
+        raise ConfigError(f"{child}: extends '{name}', which does not exist (parts: {', '.join(parts)})")
+    return path
+
+
+def load_yaml_tree(path: Path) -> dict:
+    """The mapping in a YAML file (recipe, base, view set, eval preset) with ${...} left unresolved."""
     try:
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+        tree = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
     except Exception as e:  # yaml syntax errors
-        raise ConfigError(f"cannot parse recipe {path}: {e}") from e
-    parent = raw.pop("extends", None)
-    if parent is None:
+        raise ConfigError(f"cannot parse {path}: {e}") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} holds a {type(tree).__name__}; expected a mapping of config keys")
+    return tree
+
+
+def load_recipe_dict(name_or_path: str, _seen: tuple = ()) -> dict:
+    return _load_with_parents(find_recipe(name_or_path), _seen)
+
+
+def _load_with_parents(path: Path, seen: tuple) -> dict:
+    if path in seen:
+        raise ConfigError(f"recipe {path} extends itself through {seen}")
+    raw = load_yaml_tree(path)
+    parents = raw.pop("extends", None)
+    if parents is None:
         return raw
-    base = load_recipe_dict(parent, _seen + (path,))
-    return OmegaConf.to_container(OmegaConf.merge(base, raw), resolve=False)
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(n, str) for n in parents):
+        raise ConfigError(f"{path}: extends expects a name or a list of names, got {parents!r}")
+    trees = [_load_with_parents(_find_parent(n, path), seen + (path,)) for n in parents]
+    return OmegaConf.to_container(OmegaConf.merge(*trees, raw), resolve=False)
 
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
@@ -309,13 +355,17 @@ def to_dict(cfg) -> dict:
     return convert(cfg)
 
 
+def config_yaml(cfg) -> str:
+    """The effective config as YAML (what run folders keep and --print-config shows)."""
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+
+
 def save_config(cfg: Config, path: Path) -> None:
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))
+    Path(path).write_text(config_yaml(cfg))
 
 
 def config_from_dict(data: dict) -> Config:
     cfg = from_dict(Config, data)
-    from densessl.methods import method_config
-
-    cfg.method = method_config(cfg.method)
+    # `method:` is a plain mapping in Config; it is typed by the schema that its method registered
+    cfg.method = from_dict(method_schema(cfg.method.get("name")), cfg.method, "method")
     return cfg

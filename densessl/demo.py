@@ -11,9 +11,11 @@ import json
 import time
 from pathlib import Path
 
+from densessl.common.metrics_jsonl import read_losses
 from densessl.config import build_config
 from densessl.engine.trainer import Trainer
 from densessl.eval.protocols import eval_config, evaluate, write_metrics
+from densessl.report import draw_losses, plot_losses
 
 RECIPE = "pixpro-scenes"  # a seed system that beats the random init on every protocol in ~10 CPU-minutes
 PROTOCOLS = ["knn", "linear", "multilabel"]
@@ -28,6 +30,7 @@ def run_demo(overrides: list[str], recipe: str = RECIPE) -> int:
     Trainer(cfg).fit()
     t_pre = time.perf_counter() - t0
     run_dir = Path(cfg.run_dir)
+    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     ecfg = eval_config([f"random_init_seed={cfg.train.seed}", *eval_overrides])
     ecfg.data, ecfg.model = cfg.data, cfg.model
     results = {}
@@ -66,8 +69,6 @@ def plot_report(run_dir: Path, results: dict, recipe: str = RECIPE) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from densessl.engine.trainer import draw_losses, read_losses
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     draw_losses(a, read_losses(run_dir / "metrics.jsonl"))

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from statistics import mean, stdev
 
-from densessl.study import Claim, Study, read_table, row_key, units
+from densessl.study import Claim, Study, read_table, row_key, unit_protocols, units
 
 
 def values(rows: list[dict], run: str, protocol: str, metric: str) -> list[float]:
@@ -145,7 +145,7 @@ def render(study: Study, rows: list[dict], table: Path, figure: str | None) -> s
 
 
 def _provenance(study: Study, rows: list[dict]) -> list[str]:
-    expected = {(u.run, u.seed, p.name) for u in units(study) for p in study.protocols}
+    expected = {(u.run, u.seed, p.name) for u in units(study) for p in unit_protocols(study, u)}
     have = {row_key(r) for r in rows} & expected
     pre = {(r["run"], r["seed"]): r["pretrain_minutes"] for r in rows}
     cpu_minutes = sum(pre.values()) + sum(r["eval_minutes"] for r in rows)
@@ -208,3 +208,38 @@ def write_report(study: Study, table: Path, out: Path, figure: Path | None = Non
     link = os.path.relpath(figure, out.parent) if study.report else None
     out.write_text(render(study, rows, table, link) + "\n")
     return [out, *written]
+
+
+# ---------------------------------------------------------------- a run's loss curve (moved from engine/trainer.py)
+
+
+def draw_losses(ax, records: list[dict]) -> None:
+    """The loss (and, when logged, the online probe's loss) against the step, on `ax`."""
+    steps = [r["step"] for r in records]
+    ax.plot(steps, [r["loss"] for r in records], label="loss")
+    if "probe_loss" in records[0]:
+        ax.plot(steps, [r["probe_loss"] for r in records], label="online probe loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+
+
+def plot_losses(metrics_path: Path, out_path: Path) -> None:
+    """A loss-curve PNG from metrics.jsonl (loss and, when present, the probe loss); written by
+    `densessl pretrain` and the demo after training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from densessl.common.metrics_jsonl import read_losses
+
+    records = read_losses(metrics_path)
+    if not records:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    draw_losses(ax, records)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)

@@ -36,6 +36,7 @@ class StudyRun:
     epochs: int | None = None  # the budget (default: the recipe's train.epochs)
     overrides: list[str] = field(default_factory=list)
     seeds: list[int] | None = None  # default: the study's seeds
+    protocols: list[str] | None = None  # the protocol names this run is evaluated by (default: all)
 
     @property
     def label(self) -> str:
@@ -117,6 +118,10 @@ def load_study(name_or_path: str) -> Study:
         if p.eval not in DENSE_COMMANDS + FROZEN_COMMANDS:
             raise ConfigError(f"{path}: protocol {p.name!r} has eval={p.eval!r}; expected one of "
                               f"{', '.join(FROZEN_COMMANDS + DENSE_COMMANDS)}")
+    for r in study.runs:
+        unknown = sorted(set(r.protocols or ()) - set(protos))
+        if unknown:
+            raise ConfigError(f"{path}: run {r.label!r} names protocols {unknown}, which the study does not declare")
     for c in study.claims:
         for key, value in (("protocol", c.protocol), ("better", c.better), ("worse", c.worse)):
             if value not in (protos if key == "protocol" else names + ["random"]):
@@ -199,6 +204,11 @@ class Unit:
     seed: int
     recipe: str | None = None
     overrides: list[str] = field(default_factory=list)
+    protocols: list[str] | None = None  # None: every protocol of the study
+
+
+def unit_protocols(study: Study, unit: Unit) -> list[StudyProtocol]:
+    return [p for p in study.protocols if unit.protocols is None or p.name in unit.protocols]
 
 
 def units(study: Study) -> list[Unit]:
@@ -206,14 +216,14 @@ def units(study: Study) -> list[Unit]:
     for r in study.runs:
         budget = [f"train.epochs={r.epochs}"] if r.epochs is not None else []
         for s in (r.seeds if r.seeds is not None else study.seeds):
-            out.append(Unit(r.label, s, r.recipe, [*study.pretrain_overrides, *r.overrides, *budget]))
+            out.append(Unit(r.label, s, r.recipe, [*study.pretrain_overrides, *r.overrides, *budget], r.protocols))
     return out
 
 
 def run_study(study: Study, table: Path, runs_dir: Path, stop_after_minutes: float | None = None,
               only: list[str] | None = None, log=print) -> dict:
     """Pretrain and evaluate what the table lacks; returns counts of rows written and skipped."""
-    from densessl.engine.distributed import init_distributed
+    from densessl.common.distributed import init_distributed
 
     start = time.perf_counter()
     dist = init_distributed("auto", timeout_s=4 * 3600)  # other ranks wait while rank 0 evaluates
@@ -222,8 +232,9 @@ def run_study(study: Study, table: Path, runs_dir: Path, stop_after_minutes: flo
     for unit in units(study):
         if only and unit.run not in only:
             continue
-        missing = [p for p in study.protocols if (unit.run, unit.seed, p.name) not in done]
-        skipped += len(study.protocols) - len(missing)
+        wanted = unit_protocols(study, unit)
+        missing = [p for p in wanted if (unit.run, unit.seed, p.name) not in done]
+        skipped += len(wanted) - len(missing)
         if not missing:
             continue
         if stop_after_minutes is not None and (time.perf_counter() - start) / 60 > stop_after_minutes:
@@ -252,7 +263,7 @@ def _backbone(study: Study, unit: Unit, runs_dir: Path, dist, log) -> tuple[str,
     """(eval spec, row fields): the random baseline, or the unit's pretrained checkpoint."""
     if unit.recipe is None:
         return "random", {"recipe": None, "epochs": 0, "config_hash": None, "pretrain_minutes": 0.0}
-    from densessl.engine.distributed import rank_failures_reported
+    from densessl.common.distributed import rank_failures_reported
     from densessl.engine.trainer import Trainer
 
     folder = unit_dir(runs_dir, unit)
@@ -266,6 +277,9 @@ def _backbone(study: Study, unit: Unit, runs_dir: Path, dist, log) -> tuple[str,
     minutes = before + (time.perf_counter() - t0) / 60
     if dist.is_main:
         timing.write_text(json.dumps({"minutes": minutes}))
+        from densessl.report import plot_losses  # the run folder's loss curve, as `densessl pretrain` draws it
+
+        plot_losses(folder / "metrics.jsonl", folder / "loss.png")
     return result["checkpoint"], {"recipe": unit.recipe, "epochs": cfg.train.epochs,
                                   "config_hash": _pretrain_hash(cfg), "pretrain_minutes": round(minutes, 2)}
 
@@ -273,7 +287,7 @@ def _backbone(study: Study, unit: Unit, runs_dir: Path, dist, log) -> tuple[str,
 def _evaluate(study: Study, unit: Unit, protocol: StudyProtocol, spec: str, info: dict, runs_dir: Path,
               log) -> dict:
     from densessl import __version__
-    from densessl.bench import _hardware
+    from densessl.common.machine import describe_machine
     from densessl.eval.protocols import write_metrics
 
     out = unit_dir(runs_dir, unit) / "eval" / f"{protocol.name}.json"
@@ -301,7 +315,7 @@ def _evaluate(study: Study, unit: Unit, protocol: StudyProtocol, spec: str, info
             "epochs": info["epochs"], "protocol": protocol.name, "eval": protocol.eval,
             "metrics": flat_metrics(result, protocol.eval), "config_hash": info["config_hash"],
             "eval_hash": config_hash(eval_tree), "pretrain_minutes": info["pretrain_minutes"],
-            "eval_minutes": round((time.perf_counter() - t0) / 60, 2), "machine": _hardware(),
+            "eval_minutes": round((time.perf_counter() - t0) / 60, 2), "machine": describe_machine(),
             "densessl": __version__, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 

@@ -24,6 +24,28 @@ def tiny_overrides(tmp_path):
     return TINY + [f"run_dir={tmp_path / 'run'}"]
 
 
+def _export_scenes(tmp_path_factory, layout: str, seed: int):
+    """(scenes, folder): 8 validation scenes of `seed` written as lossless PNGs in `layout`
+    (voc | coco) under the split name "val"."""
+    from densessl.data.export import export_scenes
+    from densessl.data.scenes import FashionScenes
+
+    scenes = FashionScenes("val", num_scenes=8, seed=seed)
+    root = tmp_path_factory.mktemp(layout)
+    export_scenes(scenes, root, split_name="val", image_ext="png", layout=layout)
+    return scenes, root
+
+
+@pytest.fixture(scope="session")
+def voc_export(tmp_path_factory):  # tests/data/test_voc.py
+    return _export_scenes(tmp_path_factory, "voc", seed=3)
+
+
+@pytest.fixture(scope="session")
+def coco_export(tmp_path_factory):  # tests/data/test_coco.py
+    return _export_scenes(tmp_path_factory, "coco", seed=5)
+
+
 def cli_command(*args) -> list[str]:
     return [sys.executable, "-m", "densessl.cli", *args]
 

@@ -20,7 +20,7 @@ import torch
 
 GOLDEN = Path(__file__).parent / "golden" / "first_losses.json"
 STEPS = 20
-BATCH = 16
+BATCH = 16  # scenes recipes; paper-scale recipes (224-px views) take 8
 # Paper-scale recipes read ImageNet / COCO / BDD100k; here they read scenes at their own view
 # sizes, and a 1-frame-stride moving-scenes video for the video recipe.
 SMALL_DATA = ["data.dataset=fashion_scenes", "data.num_scenes=400", "data.size=64", "data.root=null"]
@@ -35,7 +35,8 @@ def recipes() -> list[str]:
 
 
 def overrides_for(recipe: str, run_dir: str) -> list[str]:
-    base = [f"train.batch_size={BATCH}", "data.num_workers=0", "train.progress=false", "train.knn_every=0",
+    batch = BATCH if recipe.endswith("-scenes") else 8
+    base = [f"train.batch_size={batch}", "data.num_workers=0", "train.progress=false", "train.knn_every=0",
             "train.tensorboard=false", "train.precision=fp32", f"run_dir={run_dir}", "train.seed=0"]
     if recipe.endswith("-scenes"):
         return base
@@ -43,17 +44,10 @@ def overrides_for(recipe: str, run_dir: str) -> list[str]:
 
 
 def machine() -> str:
-    return f"{platform.machine()} {_cpu_model()} torch {torch.__version__}"
+    """The recording machine, compared exactly (no thread count: the losses run on one thread)."""
+    from densessl.common.machine import cpu_model
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown cpu"
+    return f"{platform.machine()} {cpu_model()} torch {torch.__version__}"
 
 
 def first_losses(recipe: str, run_dir: str, steps: int = STEPS) -> list[str]:

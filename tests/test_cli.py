@@ -12,6 +12,26 @@ def test_bad_key_exits_2_with_the_message(capsys, tmp_path):
     assert "unknown key 'optim.lrr'; did you mean 'optim.lr'?" in capsys.readouterr().err
 
 
+def test_print_config_prints_the_effective_yaml_and_trains_nothing(capsys, tmp_path):
+    import yaml
+
+    from densessl.config import build_config, to_dict
+
+    run = tmp_path / "run"
+    # flags may stand before or among the overrides
+    assert main(["pretrain", "moco-scenes", "--print-config", "train.epochs=3", f"run_dir={run}"]) == 0
+    out, err = capsys.readouterr()
+    printed = yaml.safe_load(out)
+    assert printed == to_dict(build_config("mocov2-scenes", ["train.epochs=3", f"run_dir={run}"]))
+    assert printed["train"]["epochs"] == 3 and printed["model"]["width"] == 32  # the override and the base
+    assert printed["views"][0]["saturation"] == 0.4  # the view set views/mocov2-aug-plus-64
+    assert err.strip() == "densessl: recipe 'moco-scenes' was renamed to 'mocov2-scenes'"
+    assert not run.exists()
+    assert main(["pretrain", "byol-scenes", "--print-config"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and yaml.safe_load(out)["method"]["name"] == "byol"
+
+
 def test_eval_knn_random_writes_metrics(tmp_path, capsys):
     out = tmp_path / "knn.json"
     code = main(["eval", "knn", "random", "model.width=8", "data.size=32", "num_train=60", "num_test=30", "k=5",
@@ -29,11 +49,12 @@ def test_eval_of_a_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 
 def test_random_init_seed_changes_the_baseline_weights_only(tmp_path):
-    from densessl.eval.protocols import default_out, eval_config, load_eval_backbone
+    from densessl.eval.backbone import load_backbone
+    from densessl.eval.protocols import default_out, eval_config
 
     def conv1(overrides):
         cfg = eval_config(["model.width=8"] + overrides)
-        backbone, desc = load_eval_backbone("random", cfg)
+        backbone, desc = load_backbone("random", cfg)
         return backbone.conv1.weight, desc, cfg
 
     w0, desc0, cfg0 = conv1([])
@@ -117,7 +138,7 @@ def test_error_line_recovers_the_message_of_an_error_raised_in_a_worker():
 
     wrapped = ImageReadError("Caught ImageReadError in DataLoader worker process 0.\nOriginal Traceback (most "
                              "recent call last):\n  File \"x.py\", line 1, in f\n    g()\n"
-                             "densessl.data.imagefolder.ImageReadError: could not decode image 'a.png' (x)\n")
+                             "densessl.common.errors.ImageReadError: could not decode image 'a.png' (x)\n")
     assert error_line(wrapped) == "could not decode image 'a.png' (x)"
     assert error_line(ImageReadError("first\n  second")) == "first second"
 
@@ -128,7 +149,7 @@ def test_every_eval_protocol_takes_random_init_seed_with_the_same_weights(tmp_pa
     as it is built, and the run stopped there)."""
     import pytest
 
-    import densessl.eval.protocols
+    import densessl.eval.backbone
     import densessl.models.backbones
     from densessl.data.export import export_voc
     from densessl.data.scenes import FashionScenes
@@ -145,7 +166,7 @@ def test_every_eval_protocol_takes_random_init_seed_with_the_same_weights(tmp_pa
         raise Built
 
     monkeypatch.setattr(densessl.models.backbones, "build_backbone", spy)
-    monkeypatch.setattr(densessl.eval.protocols, "build_backbone", spy)
+    monkeypatch.setattr(densessl.eval.backbone, "build_backbone", spy)
     voc = tmp_path / "voc"
     for split in ("trainval", "test"):
         export_voc(FashionScenes("val", num_scenes=2, size=32, seed=1), voc, split, image_ext="png")

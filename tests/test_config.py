@@ -50,3 +50,39 @@ def test_extends_merges_parent(tmp_path):
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
 def test_every_shipped_recipe_validates(recipe):
     build_config(recipe)
+
+
+def test_extends_takes_a_list_merged_in_order_and_views_replace_whole(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: [_base/scenes, views/mocov2-aug-plus-64, views/byol-pair-64]\n"
+                     "method: {name: byol}\ntrain: {batch_size: 64}\n")
+    cfg = build_config(str(child))
+    assert (cfg.model.backbone, cfg.model.width, cfg.data.num_workers) == ("resnet18_small", 32, 2)
+    assert cfg.train.batch_size == 64 and cfg.train.ckpt_every == 50  # own key wins; the base's others stay
+    # the later view set replaces the earlier one entirely: BYOL's pair, no MoCo saturation 0.4 left over
+    assert [v.solarize_p for v in cfg.views] == [0.0, 0.2] and [v.saturation for v in cfg.views] == [0.2, 0.2]
+    child.write_text("extends: [views/byol-pair-64]\nviews:\n  - {size: 32}\n")
+    assert [v.size for v in build_config(str(child)).views] == [32]
+
+
+def test_bases_and_view_sets_are_not_recipes(tmp_path):
+    from densessl.config import recipe_names
+
+    assert "byol-scenes" in recipe_names() and not any("/" in n or n.startswith("_") for n in recipe_names())
+    with pytest.raises(ConfigError, match=r"'_base/scenes' is a part that recipes extend .* not a recipe"):
+        find_recipe("_base/scenes")
+    with pytest.raises(ConfigError) as e:
+        find_recipe("scenes")
+    assert "_base" not in str(e.value) and "views/" not in str(e.value)
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: [_base/scene]\n")
+    with pytest.raises(ConfigError, match=r"child.yaml: extends '_base/scene', which does not exist \(parts: .*_base/scenes"):
+        build_config(str(child))
+    child.write_text("extends: {a: 1}\n")
+    with pytest.raises(ConfigError, match=r"child.yaml: extends expects a name or a list of names"):
+        build_config(str(child))
+
+
+def test_the_old_recipe_name_is_the_renamed_recipe():
+    assert find_recipe("moco-scenes") == find_recipe("mocov2-scenes") == RECIPES_DIR / "mocov2-scenes.yaml"
+    assert build_config("moco-scenes").run_dir == "runs/mocov2-scenes"

@@ -8,8 +8,9 @@ import torch
 import torchvision
 from torch import nn
 
+from densessl.eval.backbone import load_backbone_file, load_checkpoint_backbone
 from densessl.interop import (LAYOUTS, InteropError, detectron2_key, export_backbone, import_official,
-                              load_any_backbone, read_file, save_imported, torchvision_key_from_detectron2)
+                              read_file, save_imported, torchvision_key_from_detectron2)
 from densessl.models.backbones import build_backbone
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -171,13 +172,11 @@ def test_export_import_gives_identical_features(backbones, tmp_path, arch, fmt, 
 
 
 def test_imported_checkpoint_is_a_densessl_checkpoint(backbones, tmp_path):
-    from densessl.engine.checkpoint import load_backbone
-
     path = save_imported(backbones["resnet18_small"], tmp_path / "imp.pt", source="test")
-    back, cfg = load_backbone(path)
+    back, cfg = load_checkpoint_backbone(path)
     assert cfg.model.backbone == "resnet18_small" and cfg.model.width == 8
     assert _same_features(back, backbones["resnet18_small"])
-    assert _same_features(load_any_backbone(path), back)
+    assert _same_features(load_backbone_file(path), back)
 
 
 # ---------------------------------------------------------------- official layouts (synthetic)
@@ -379,8 +378,8 @@ def test_cli_export_and_import(backbones, tmp_path, capsys):
     assert main(["export", str(ckpt), "--to", "torchvision", "--out", str(tmp_path / "tv.pth")]) == 0
     assert main(["export", str(ckpt), "--out", str(tmp_path / "b.safetensors")]) == 0
     assert main(["import", "torchvision", str(tmp_path / "tv.pth"), "--out", str(tmp_path / "imp.pt")]) == 0
-    assert _same_features(load_any_backbone(tmp_path / "imp.pt"), backbones["resnet18"])
-    assert _same_features(load_any_backbone(tmp_path / "b.safetensors"), backbones["resnet18"])
+    assert _same_features(load_backbone_file(tmp_path / "imp.pt"), backbones["resnet18"])
+    assert _same_features(load_backbone_file(tmp_path / "b.safetensors"), backbones["resnet18"])
     small = save_imported(backbones["resnet18_small"], tmp_path / "small.pt")
     assert main(["export", str(small), "--to", "detectron2", "--out", str(tmp_path / "s.pkl")]) == 2
     err = capsys.readouterr().err

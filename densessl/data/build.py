@@ -4,7 +4,7 @@ from __future__ import annotations
 
 def build_dataset(data_cfg, split: str = "train", with_masks: bool = False, single_item: bool = False, num=None,
                   method_cfg=None):
-    """fashion_scenes (built in), imagefolder (data.root), or the video sources moving_scenes /
+    """fashion_scenes (built in), imagefolder (data.root), shards (data.root), or the video sources moving_scenes /
     video_frames (their frame settings live in the method's `video:` section). `num` overrides
     data.num_scenes."""
     if data_cfg.dataset in ("moving_scenes", "video_frames"):
@@ -39,5 +39,12 @@ def build_dataset(data_cfg, split: str = "train", with_masks: bool = False, sing
                                min_side=data_cfg.min_side)
         except FileNotFoundError as e:  # no such folder, or no usable image in it
             raise ConfigError(f"data.root={data_cfg.root}: {e}") from None
-    raise ValueError(f"data.dataset={data_cfg.dataset!r}; expected fashion_scenes, imagefolder, moving_scenes "
-                     f"or video_frames")
+    if data_cfg.dataset == "shards":  # a folder written by `densessl data shard` (densessl/data/shards.py)
+        from densessl.config import ConfigError
+        from densessl.data.shards import ShardDataset
+
+        if not data_cfg.root:
+            raise ConfigError("data.dataset=shards needs data.root=<folder written by densessl data shard>")
+        return ShardDataset(data_cfg.root, size=data_cfg.size, min_side=data_cfg.min_side)
+    raise ValueError(f"data.dataset={data_cfg.dataset!r}; expected fashion_scenes, imagefolder, shards, "
+                     f"moving_scenes or video_frames")

@@ -9,6 +9,7 @@ JPEG (quality 95, no chroma subsampling; this changes pixels slightly: mean abso
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import xml.etree.ElementTree as ET
@@ -136,14 +137,23 @@ def _voc_xml(file_name: str, s: dict[str, np.ndarray]) -> ET.ElementTree:
     return tree
 
 
-def export_voc(
-    dataset,
-    out_dir: str | os.PathLike,
-    split_name: str = "train",
-    num: int | None = None,
-    image_ext: str = "jpg",
-) -> dict:
-    """Write the first ``num`` samples (all by default) in the Pascal VOC layout under ``out_dir``.
+def export_scenes(dataset, out_dir: str | os.PathLike, split_name: str = "train", num: int | None = None,
+                  image_ext: str = "jpg", *, layout: str) -> dict:
+    """Write the first ``num`` samples (all by default) of ``dataset`` under ``out_dir`` in
+    ``layout``: ``voc`` (the Pascal VOC layout: :func:`_write_voc`) or ``coco`` (the COCO format:
+    :func:`_write_coco`); ``export_voc`` and ``export_coco`` name the two. Images are
+    ``image_ext`` files (jpg: quality 95; png: lossless). Returns what the writer reports."""
+    writers = {"voc": _write_voc, "coco": _write_coco}
+    if layout not in writers:
+        raise ValueError(f"layout must be one of {', '.join(writers)}, got {layout!r}")
+    ext = _check_ext(image_ext)
+    n = _count(dataset, num)
+    samples = ((i, _numpy_sample(dataset[i], i)) for i in range(n))
+    return writers[layout](samples, Path(out_dir), split_name, ext)
+
+
+def _write_voc(samples, out: Path, split_name: str, ext: str) -> dict:
+    """The Pascal VOC layout under ``out``.
 
     Writes ``JPEGImages/<id>.<ext>``, ``Annotations/<id>.xml`` (1-based inclusive boxes),
     ``SegmentationClass/<id>.png`` (VOC palette; 0 background, class + 1),
@@ -152,9 +162,6 @@ def export_voc(
     ``labels.txt`` (class names, one per line). Ids are ``<split_name>_<index:06d>``.
     Returns ``{"out_dir", "images", "objects"}``.
     """
-    ext = _check_ext(image_ext)
-    n = _count(dataset, num)
-    out = Path(out_dir)
     dirs = {
         k: out / k
         for k in ("JPEGImages", "Annotations", "SegmentationClass", "SegmentationObject",
@@ -164,8 +171,7 @@ def export_voc(
         d.mkdir(parents=True, exist_ok=True)
     palette = voc_colormap()
     ids, objects = [], 0
-    for i in range(n):
-        s = _numpy_sample(dataset[i], i)
+    for i, s in samples:
         sid = f"{split_name}_{i:06d}"
         file_name = f"{sid}.{ext}"
         _save_image(s["image"], dirs["JPEGImages"] / file_name)
@@ -182,17 +188,11 @@ def export_voc(
     (dirs["ImageSets/Main"] / f"{split_name}.txt").write_text(listing)
     (dirs["ImageSets/Segmentation"] / f"{split_name}.txt").write_text(listing)
     (out / "labels.txt").write_text("".join(f"{c}\n" for c in CLASSES))
-    return {"out_dir": str(out), "images": n, "objects": objects}
+    return {"out_dir": str(out), "images": len(ids), "objects": objects}
 
 
-def export_coco(
-    dataset,
-    out_dir: str | os.PathLike,
-    split_name: str = "train",
-    num: int | None = None,
-    image_ext: str = "jpg",
-) -> dict:
-    """Write the first ``num`` samples (all by default) in the COCO format under ``out_dir``.
+def _write_coco(samples, out: Path, split_name: str, ext: str) -> dict:
+    """The COCO format under ``out``.
 
     Writes ``images/<split_name>/<index:06d>.<ext>`` and
     ``annotations/instances_<split_name>.json`` with images (id from 1), categories (id 1..10 =
@@ -204,16 +204,12 @@ def export_coco(
 
     mask_utils = require_extra("pycocotools.mask", "coco", "COCO export (RLE masks)")
 
-    ext = _check_ext(image_ext)
-    n = _count(dataset, num)
-    out = Path(out_dir)
     img_dir = out / "images" / split_name
     ann_dir = out / "annotations"
     img_dir.mkdir(parents=True, exist_ok=True)
     ann_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
-    for i in range(n):
-        s = _numpy_sample(dataset[i], i)
+    for i, s in samples:
         h, w = s["image"].shape[:2]
         file_name = f"{i:06d}.{ext}"
         _save_image(s["image"], img_dir / file_name)
@@ -245,8 +241,13 @@ def export_coco(
     tmp = ann_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(coco))
     os.replace(tmp, ann_path)
-    return {"out_dir": str(out), "annotations": str(ann_path), "images": n,
+    return {"out_dir": str(out), "annotations": str(ann_path), "images": len(images),
             "objects": len(annotations)}
+
+
+# The two layouts by name, with export_scenes' arguments: (dataset, out_dir, split_name, num, image_ext).
+export_voc = functools.partial(export_scenes, layout="voc")
+export_coco = functools.partial(export_scenes, layout="coco")
 
 
 PREVIEW_PANEL_INCHES = 2.0

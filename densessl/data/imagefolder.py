@@ -5,17 +5,14 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from densessl.common.errors import ImageReadError  # noqa: F401  (raised here; importers take it from here too)
+from densessl.data.image_io import DecodeError, decode_rgb
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
-class ImageReadError(ValueError):
-    """An image file could not be opened or decoded."""
 
 
 class ImageFolder(Dataset):
@@ -31,7 +28,8 @@ class ImageFolder(Dataset):
     Files are matched by extension, case-insensitively: .jpg .jpeg .png .bmp .webp; names that
     start with "." (hidden files, macOS "._*" metadata) are ignored. Order is sorted by path.
 
-    Images are decoded with PIL and converted to RGB (grayscale, RGBA (alpha dropped), palette,
+    Images are decoded by densessl.data.image_io (torchvision for JPEG, PIL otherwise; the same
+    pixels) and converted to RGB (grayscale, RGBA (alpha dropped), palette,
     CMYK ...). With `size`, the shorter side is resized to `size` (bilinear, antialiased) and
     the centre `size` x `size` crop is kept, so items can be batched.
 
@@ -138,14 +136,12 @@ class ImageFolder(Dataset):
 def read_image_rgb(path: str) -> torch.Tensor:
     """Decode an image file to a uint8 RGB tensor (3, H, W); ImageReadError names the file on failure."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            array = np.asarray(img.convert("RGB"))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ImageReadError(f"could not decode image {path!r} ({type(err).__name__}: {err}); to skip "
+        return decode_rgb(path)
+    except (OSError, DecodeError) as err:
+        cause = err.cause if isinstance(err, DecodeError) else err
+        raise ImageReadError(f"could not decode image {path!r} ({type(cause).__name__}: {cause}); to skip "
                              f"unreadable images, set data.on_error=skip (in Python: ImageFolder(..., "
-                             f"on_error='skip'))") from err
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+                             f"on_error='skip'))") from cause
 
 
 def _decoded_size(path: str) -> tuple[int, int] | None:

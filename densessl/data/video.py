@@ -33,12 +33,12 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from densessl.config import require_extra
 from densessl.data import flow as flowlib
+from densessl.data.image_io import DecodeError, decode_rgb
 from densessl.data.moving_scenes import MovingScenes
 from densessl.data.views import ViewSampler, collate_views, expand_slots
 
@@ -168,11 +168,9 @@ class VideoFrames(Dataset):
 
 def _read_frame(path: Path) -> torch.Tensor:
     try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except Exception as e:  # PIL raises several types for corrupt files
-        raise VideoReadError(f"cannot read frame {str(path)!r}: {e}") from None
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        return decode_rgb(path)
+    except (OSError, DecodeError) as e:
+        raise VideoReadError(f"cannot read frame {str(path)!r}: {e.cause if isinstance(e, DecodeError) else e}") from None
 
 
 def _video_file_length(path: Path) -> int:

@@ -174,14 +174,21 @@ def collate_views(samples: list[dict]) -> dict:
 
 
 class ResumableBatchSampler(Sampler):
-    """Global batches from a per-epoch seeded permutation; each rank takes its slice.
+    """Global batches from a per-epoch seeded order; each rank takes its slice.
 
     Yields lists of (epoch, index). Starting at `start_step` skips exactly the batches a
     killed run had already consumed, so a resumed run sees the same data order.
+
+    Without `shard_sizes` the order is a permutation of all n indices (n int64 per rank). With
+    `shard_sizes` (samples per shard; shard k holds the indices after those of shards < k, as in
+    ShardDataset) it is shard-aware: a permutation of the shards, and within each shard a
+    permutation of its samples, each drawn from its own seed, so memory is O(number of shards +
+    shard size) and a resume jumps to its position without replaying the epoch. Either way a
+    pass covers every index once; steps_per_epoch beyond one pass starts a new pass (new seeds).
     """
 
     def __init__(self, n: int, global_batch: int, steps_per_epoch: int, seed: int, epoch: int,
-                 start_step: int = 0, rank: int = 0, world_size: int = 1):
+                 start_step: int = 0, rank: int = 0, world_size: int = 1, shard_sizes=None):
         if global_batch % world_size:
             raise ValueError(f"train.batch_size={global_batch} must be divisible by the world size {world_size}")
         if steps_per_epoch * global_batch > n and n < global_batch:
@@ -189,17 +196,57 @@ class ResumableBatchSampler(Sampler):
         self.n, self.global_batch, self.steps = n, global_batch, steps_per_epoch
         self.seed, self.epoch, self.start_step = seed, epoch, start_step
         self.rank, self.world_size = rank, world_size
+        self.shard_sizes = None
+        if shard_sizes is not None:
+            self.shard_sizes = np.asarray(shard_sizes, dtype=np.int64)
+            if int(self.shard_sizes.sum()) != n or (self.shard_sizes < 1).any():
+                raise ValueError(f"shard_sizes add up to {int(self.shard_sizes.sum())} samples (each >= 1 expected), "
+                                 f"not the dataset's {n}")
 
     def __len__(self):
         return self.steps - self.start_step
 
     def __iter__(self):
         per_rank = self.global_batch // self.world_size
+        lo, hi = self.rank * per_rank, (self.rank + 1) * per_rank
+        if self.shard_sizes is not None:
+            pending, have = [], 0  # index arrays of the global batch being filled
+            for part in self._shard_stream(self.start_step * self.global_batch, self.steps * self.global_batch):
+                while len(part):
+                    take = part[:self.global_batch - have]
+                    pending.append(take)
+                    have += len(take)
+                    part = part[len(take):]
+                    if have == self.global_batch:
+                        yield [(self.epoch, int(i)) for i in np.concatenate(pending)[lo:hi]]
+                        pending, have = [], 0
+            return
         needed = self.steps * self.global_batch
         rng = np.random.default_rng([self.seed, self.epoch, 7])
         # Enough permutations to cover steps_per_epoch (which may exceed one pass).
         order = np.concatenate([rng.permutation(self.n) for _ in range(-(-needed // self.n))])
         for step in range(self.start_step, self.steps):
             chunk = order[step * self.global_batch:(step + 1) * self.global_batch]
-            mine = chunk[self.rank * per_rank:(self.rank + 1) * per_rank]
+            mine = chunk[lo:hi]
             yield [(self.epoch, int(i)) for i in mine]
+
+    def _shard_stream(self, start: int, stop: int):
+        """Arrays of the indices at positions start..stop-1 of the epoch's shard-aware order."""
+        sizes = self.shard_sizes
+        first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        pos = start
+        while pos < stop:
+            rnd, offset = divmod(pos, self.n)  # pass `rnd` of the epoch, `offset` into it
+            shards = np.random.default_rng([self.seed, self.epoch, 7, rnd]).permutation(len(sizes))
+            ends = np.cumsum(sizes[shards])
+            j = int(np.searchsorted(ends, offset, side="right"))
+            while j < len(shards) and pos < stop:
+                s = int(shards[j])
+                within = np.random.default_rng([self.seed, self.epoch, 7, rnd, s]).permutation(int(sizes[s]))
+                k = offset - int(ends[j] - sizes[s])
+                part = first[s] + within[k:k + (stop - pos)]
+                yield part
+                pos += len(part)
+                offset += len(part)
+                j += 1
+

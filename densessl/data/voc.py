@@ -45,6 +45,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from densessl.common.errors import AnnotationError  # noqa: F401  (raised here; importers take it from here too)
+from densessl.data.image_io import DecodeError, decode_rgb
+
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -54,21 +57,14 @@ IGNORE_INDEX = 255
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
 
-class AnnotationError(ValueError):
-    """A dataset file is missing or malformed; the message names the file and the field."""
-
-
 def read_image(path: str | os.PathLike) -> torch.Tensor:
     """uint8 RGB (3, H, W) tensor of an image file; AnnotationError names the file on failure."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            array = np.asarray(img.convert("RGB"))
+        return decode_rgb(path)
     except FileNotFoundError:
         raise AnnotationError(f"{path}: image file not found") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise AnnotationError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    except (OSError, DecodeError) as e:
+        raise AnnotationError(f"{path}: cannot decode image ({e if isinstance(e, DecodeError) else DecodeError(e)})") from e
 
 
 def resolve_classes(root: str | os.PathLike, classes=None, infer: bool = True) -> tuple[str, ...]:

@@ -19,14 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from densessl.common import checkpoint as ckpt_io
+from densessl.common.distributed import DistInfo, all_reduce_mean, convert_sync_batchnorm, init_distributed
+from densessl.common.metrics_jsonl import read_metrics
+from densessl.common.schedules import warmup_cosine
 from densessl.config import MISSING, Config, ConfigError, field_default, save_config, to_dict
 from densessl.data.augment import augment_batch
 from densessl.data.build import build_dataset
 from densessl.data.views import ResumableBatchSampler, ViewDataset, ViewSampler, collate_views
-from densessl.engine import checkpoint as ckpt_io
-from densessl.engine.distributed import DistInfo, all_reduce_mean, convert_sync_batchnorm, init_distributed
 from densessl.engine.optim import build_optimizer
-from densessl.engine.schedules import warmup_cosine
+from densessl.eval.monitor import KnnMonitor, probe_epoch_record
 from densessl.methods import build_method
 from densessl.models.backbones import build_backbone
 
@@ -156,6 +158,7 @@ class Trainer:
                                             "wd_scale": 0.0})
         self.amp_dtype = resolve_precision(t.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.knn_monitor = KnnMonitor(cfg.data, device, self.amp_dtype)
         self.step = 0
         self.log_file = None
         self.writer = None
@@ -219,13 +222,14 @@ class Trainer:
     def loader(self, epoch: int, start: int = 0) -> DataLoader:
         """The view batches of `epoch` from its batch `start` on (resumable; also used by benchmarks)."""
         t = self.cfg.train
-        make = getattr(self.method, "make_view_dataset", None)  # methods with their own views (video)
-        if make is not None:
-            views, collate = make(self.dataset, self.cfg)
+        own_views = self.method.view_dataset(self.dataset, self.cfg)  # None but for methods with their own (video)
+        if own_views is not None:
+            views, collate = own_views
         else:
             views, collate = ViewDataset(self.dataset, ViewSampler(self.cfg.views), seed=t.seed), collate_views
         sampler = ResumableBatchSampler(len(self.dataset), t.batch_size, self.steps_per_epoch, t.seed, epoch,
-                                        start, self.dist.rank, self.dist.world_size)
+                                        start, self.dist.rank, self.dist.world_size,
+                                        shard_sizes=getattr(self.dataset, "shard_sizes", None))  # data.dataset=shards
         nw = self.cfg.data.num_workers
         return DataLoader(views, batch_sampler=sampler, collate_fn=collate, num_workers=nw,
                           pin_memory=self.dist.device.type == "cuda", persistent_workers=False,
@@ -313,7 +317,7 @@ class Trainer:
                     ips = (self.step - step_log) * t.batch_size / max(now - t_log, 1e-9)
                     record = {k: float(all_reduce_mean(v / n_sum)) for k, v in sums.items()}
                     record.update(step=self.step, epoch=self.step / self.steps_per_epoch, lr=self.current_lr,
-                                  momentum=getattr(self.method, "momentum", None), images_per_s=ips,
+                                  momentum=self.method.momentum, images_per_s=ips,
                                   data_wait_frac=self._data_wait / max(now - t_log, 1e-9))
                     self._log(record)
                     if bar is not None:
@@ -326,13 +330,13 @@ class Trainer:
                 if t.knn_every and (self.step % t.knn_every == 0 or self.step == self.total_steps):
                     self._knn_monitor()
             if probe_scores:
-                self._log_probe_epoch(epoch, torch.cat(probe_scores), torch.cat(probe_targets))
+                self._log({"step": self.step, **probe_epoch_record(epoch, torch.cat(probe_scores),
+                                                                   torch.cat(probe_targets))})
         if bar is not None:
             bar.close()
         self.save_checkpoint(bad)
         if self.dist.is_main:
             self._close_logs()
-            plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
         return {"step": self.step, "checkpoint": str(self.ckpt_dir / "last.pt")}
 
     def _waited(self, loader):
@@ -392,30 +396,10 @@ class Trainer:
                 if isinstance(v, (int, float)) and k != "step" and v is not None and math.isfinite(v):
                     self.writer.add_scalar(f"train/{k}", v, record["step"])
 
-    def _log_probe_epoch(self, epoch: int, scores: torch.Tensor, targets: torch.Tensor) -> None:
-        if targets.ndim == 2:
-            from densessl.eval.metrics import mean_average_precision
-
-            value, _ = mean_average_precision(scores.cpu(), targets.cpu())
-            self._log({"step": self.step, "epoch": epoch + 1, "online_probe_mAP": value})
-        else:
-            acc = (scores.argmax(1) == targets).float().mean()
-            self._log({"step": self.step, "epoch": epoch + 1, "online_probe_top1": float(all_reduce_mean(acc))})
-
     def _knn_monitor(self) -> None:
-        """Weighted kNN (k=20, T=0.07) of the online backbone on held-out single items."""
-        if self.cfg.data.dataset != "fashion_scenes" or not self.dist.is_main:
-            return
-        from densessl.eval.features import extract_features
-        from densessl.eval.knn import knn_accuracy
-
-        if not hasattr(self, "_knn_data"):
-            self._knn_data = [build_dataset(self.cfg.data, split=s, single_item=True, num=n)
-                              for s, n in (("train", 2000), ("val", 1000))]
-        backbone = self.method.backbone
-        (xtr, ytr), (xte, yte) = [extract_features(backbone, ds, device=self.dist.device, target_key="label",
-                                                   autocast_dtype=self.amp_dtype) for ds in self._knn_data]
-        self._log({"step": self.step, "knn_top1": knn_accuracy(xtr, ytr, xte, yte, num_classes=10)})
+        """The kNN monitor's record of the online backbone (rank 0; fashion_scenes runs only)."""
+        if self.dist.is_main and self.knn_monitor.applies:
+            self._log({"step": self.step, **self.knn_monitor.record(self.method.backbone)})
 
     def _close_logs(self) -> None:
         if self.log_file:
@@ -444,50 +428,3 @@ def _flatten(d, prefix=""):
         else:
             out[key] = v
     return out
-
-
-def read_metrics(metrics_path: Path) -> list[dict]:
-    """Every record of a metrics.jsonl; a line cut by a kill mid-write is dropped, with a message."""
-    records, torn = [], 0
-    for line in Path(metrics_path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            torn += bool(line.strip())
-    if torn:
-        print(f"{metrics_path}: dropped {torn} unreadable line(s) (cut by a kill?)", file=sys.stderr, flush=True)
-    return records
-
-
-def read_losses(metrics_path: Path) -> list[dict]:
-    """The training-step records (those with a loss) of a metrics.jsonl."""
-    return [r for r in read_metrics(metrics_path) if "loss" in r]
-
-
-def draw_losses(ax, records: list[dict]) -> None:
-    """The loss (and, when logged, the online probe's loss) against the step, on `ax`."""
-    steps = [r["step"] for r in records]
-    ax.plot(steps, [r["loss"] for r in records], label="loss")
-    if "probe_loss" in records[0]:
-        ax.plot(steps, [r["probe_loss"] for r in records], label="online probe loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-
-
-def plot_losses(metrics_path: Path, out_path: Path) -> None:
-    """A loss-curve PNG from metrics.jsonl (loss and, when present, the probe loss)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_losses(metrics_path)
-    if not records:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    draw_losses(ax, records)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)

@@ -28,7 +28,7 @@ a COCO object built in memory from the split (VOC difficult / COCO crowd objects
 AP75, APs/APm/APl (-1 where a size range has no object). For VOC this is COCO-style AP, not
 the VOC07 11-point AP of detectron2's PascalVOC evaluator.
 
-Presets (``preset=``): ``scenes`` (the default values: Fashion-Scenes 64 px, resnet18_small,
+Presets (``preset=``, files eval/presets/detection-NAME.yaml): ``scenes`` (the default values: Fashion-Scenes 64 px, resnet18_small,
 a few CPU minutes), ``voc0712`` and ``coco-1x`` (paper-scale schedules, FPN variant; the
 papers' VOC numbers use R50-C4 in detectron2: export with ``densessl export --to detectron2``
 for those). See docs/interop.md.
@@ -37,18 +37,18 @@ from __future__ import annotations
 
 import contextlib
 import io
-import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
 
-from densessl.config import ConfigError, EvalBackboneConfig, ModelConfig, require_extra
+from densessl.config import ConfigError, require_extra
 from densessl.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from densessl.eval.transfer import (SampleStream, TransferData, autocast, build_task_dataset, load_backbone_spec,
-                                    pick_device, stream_loader, transfer_config)
+from densessl.eval import finetune
+from densessl.eval.finetune import FinetuneConfig, FinetuneTask, eval_batches, fine_tune
+from densessl.eval.transfer import autocast, transfer_config
 
 
 # ---------------------------------------------------------------- model
@@ -155,10 +155,7 @@ def build_detector(backbone: nn.Module, num_classes: int, cfg: "DetectionConfig"
 
 
 @dataclass
-class DetectionConfig(EvalBackboneConfig):  # + model, seed, random_init_seed (every protocol's keys)
-    data: TransferData = field(default_factory=TransferData)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(backbone="resnet18_small", width=32))
-    preset: Optional[str] = None
+class DetectionConfig(FinetuneConfig):  # + data, model, preset, the SGD schedule, logging (finetune.py)
     norm: str = "bn"  # bn | syncbn | frozen
     freeze_at: int = 0  # detectron2 FREEZE_AT
     fpn_channels: int = 64
@@ -177,49 +174,16 @@ class DetectionConfig(EvalBackboneConfig):  # + model, seed, random_init_seed (e
     iterations: int = 800  # scenes: about 0.5 s per iteration on one busy CPU core (batch 8, 64 px, width 32)
     batch_size: int = 8
     lr: float = 0.01  # detectron2's 0.02 at batch 16, scaled linearly
-    momentum: float = 0.9
-    weight_decay: float = 1.0e-4
     warmup_iters: int = 50
     warmup_factor: float = 0.001
     steps: list[int] = field(default_factory=lambda: [600, 740])  # lr x gamma at these iterations
     gamma: float = 0.1
-    flip: bool = True
     clip_grad: Optional[float] = None
-    eval_batch_size: int = 32
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "fp32"
-    log_every: int = 100
-    out: Optional[str] = None
-
-
-PRESETS: dict[str, dict] = {
-    # the default values: Fashion-Scenes 64 px, resnet18_small (stride 2..16 + pool), anchors 8..64 px
-    "scenes": {},
-    # VOC07+12 trainval -> VOC07 test: detectron2's 24k schedule (steps 18k/22k, warm-up 100, batch 16,
-    # lr 0.02), multi-scale 480..800 / 1333, torchvision-standard FPN anchors; SyncBN
-    "voc0712": {"data": {"dataset": "voc", "train_split": "trainval", "val_split": "test", "num_workers": 8},
-                "model": {"backbone": "resnet50", "width": None}, "norm": "syncbn", "fpn_channels": 256,
-                "anchor_sizes": [32, 64, 128, 256, 512], "min_size": [480, 512, 544, 576, 608, 640, 672, 704, 736,
-                                                                      768, 800],
-                "max_size": 1333, "representation_size": 1024, "rpn_pre_nms_top_n": [2000, 1000],
-                "rpn_post_nms_top_n": [2000, 1000], "box_batch_size_per_image": 512, "iterations": 24000,
-                "batch_size": 16, "lr": 0.02, "warmup_iters": 100, "steps": [18000, 22000],
-                "eval_batch_size": 8, "log_every": 20},
-    # COCO 2017 train -> val, 1x: 90k iterations, steps 60k/80k, warm-up 1000, batch 16, lr 0.02,
-    # 640..800 / 1333, 4conv1fc box head with norm (PixPro's FPN config); SyncBN
-    "coco-1x": {"data": {"dataset": "coco", "train_split": "train2017", "val_split": "val2017", "num_workers": 8},
-                "model": {"backbone": "resnet50", "width": None}, "norm": "syncbn", "fpn_channels": 256,
-                "anchor_sizes": [32, 64, 128, 256, 512], "min_size": [640, 672, 704, 736, 768, 800],
-                "max_size": 1333, "box_head": "4conv1fc", "representation_size": 1024,
-                "rpn_pre_nms_top_n": [2000, 1000], "rpn_post_nms_top_n": [2000, 1000],
-                "box_batch_size_per_image": 512, "iterations": 90000, "batch_size": 16, "lr": 0.02,
-                "warmup_iters": 1000, "steps": [60000, 80000], "eval_batch_size": 8, "log_every": 20},
-}
 
 
 def detection_config(overrides: list[str]) -> DetectionConfig:
-    return transfer_config(DetectionConfig, PRESETS, overrides)
+    """Defaults, the preset eval/presets/detection-NAME.yaml (preset=NAME), then the overrides."""
+    return transfer_config(DetectionConfig, "detection", overrides)
 
 
 # ---------------------------------------------------------------- data
@@ -237,16 +201,6 @@ def _train_target(item: dict, flip: bool) -> tuple[torch.Tensor, dict]:
         image = image.flip(-1)
         boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], 1)
     return image, {"boxes": boxes.reshape(-1, 4), "labels": labels}
-
-
-class _TrainTransform:
-    """Item -> (float image, target) with a horizontal flip drawn from the sample's generator."""
-
-    def __init__(self, flip: bool):
-        self.flip = flip
-
-    def __call__(self, item, gen):
-        return _train_target(item, self.flip and bool(torch.rand((), generator=gen) < 0.5))
 
 
 def coco_ground_truth(dataset, num_classes: int) -> dict:
@@ -292,73 +246,65 @@ def coco_box_ap(gt: dict, detections: list[dict]) -> dict:
 # ---------------------------------------------------------------- protocol
 
 
-def _lr_at(cfg: DetectionConfig, it: int) -> float:
-    lr = cfg.lr * cfg.gamma ** sum(it >= s for s in cfg.steps)
-    if it < cfg.warmup_iters:
-        alpha = it / cfg.warmup_iters
-        lr *= cfg.warmup_factor * (1 - alpha) + alpha
-    return lr
+class DetectionTask(FinetuneTask):
+    """Faster R-CNN + FPN: torchvision's own losses (RPN and box head), step-decay lr."""
+
+    name = "detection"
+    collate = list
+
+    def __init__(self, cfg: DetectionConfig):
+        super().__init__(cfg)
+        self.clip_grad = cfg.clip_grad
+
+    def check(self) -> None:
+        super().check()
+        if len(self.cfg.rpn_pre_nms_top_n) != 2 or len(self.cfg.rpn_post_nms_top_n) != 2:
+            raise ConfigError("rpn_pre_nms_top_n and rpn_post_nms_top_n are [train, test] pairs")
+
+    def build(self, backbone, num_classes):
+        model = build_detector(backbone, num_classes, self.cfg)
+        return model, [{"params": [p for p in model.parameters() if p.requires_grad], "lr_mult": 1.0}]
+
+    def transform(self, item, gen):
+        return _train_target(item, self.cfg.flip and bool(torch.rand((), generator=gen) < 0.5))
+
+    def loss(self, model, batch, device):
+        images = [image.to(device, non_blocking=True) for image, _ in batch]
+        targets = [{k: v.to(device, non_blocking=True) for k, v in target.items()} for _, target in batch]
+        with autocast(device, self.cfg.precision):
+            loss_dict = model(images, targets)
+        return sum(v.float() for v in loss_dict.values()), loss_dict
+
+    def lr_at(self, it: int) -> float:
+        """detectron2's WarmupMultiStepLR: x gamma at each of ``steps``, linear warm-up from warmup_factor."""
+        cfg = self.cfg
+        lr = cfg.lr * cfg.gamma ** sum(it >= s for s in cfg.steps)
+        if it < cfg.warmup_iters:
+            alpha = it / cfg.warmup_iters
+            lr *= cfg.warmup_factor * (1 - alpha) + alpha
+        return lr
+
+    def evaluate(self, model, dataset, classes, device):
+        return evaluate_detection(model, dataset, len(classes), device, self.cfg)
+
+    def settings(self, classes):
+        return {"classes": list(classes), "metric": "COCO bbox AP (pycocotools) after the last iteration, percent"}
+
+    def summary(self, r):
+        return (f"AP {r['AP']:.2f}  AP50 {r['AP50']:.2f}  AP75 {r['AP75']:.2f}  "
+                f"(Faster R-CNN FPN, {self.cfg.iterations} iterations, last iteration)")
 
 
 def run_detection(spec: str, cfg: DetectionConfig, log=print) -> dict:
     """Fine-tune the detector from ``spec`` and return the metrics dict."""
-    if cfg.iterations < 1 or cfg.batch_size < 1:
-        raise ConfigError(f"need iterations >= 1 and batch_size >= 1; got {cfg.iterations}, {cfg.batch_size}")
-    if len(cfg.rpn_pre_nms_top_n) != 2 or len(cfg.rpn_post_nms_top_n) != 2:
-        raise ConfigError("rpn_pre_nms_top_n and rpn_post_nms_top_n are [train, test] pairs")
-    t0 = time.perf_counter()
-    device = pick_device(cfg.device)
-    train_ds, classes = build_task_dataset(cfg.data, "train", "detection")
-    val_ds, _ = build_task_dataset(cfg.data, "val", "detection")
-    backbone, desc = load_backbone_spec(spec, cfg.model, cfg.init_seed())
-    torch.manual_seed(cfg.seed)
-    model = build_detector(backbone, len(classes), cfg).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    stream = SampleStream(train_ds, cfg.iterations * cfg.batch_size, cfg.seed, _TrainTransform(cfg.flip))
-    batches = iter(stream_loader(stream, cfg.batch_size, cfg.data.num_workers, list))
-    model.train()
-    losses = []
-    for it in range(cfg.iterations):
-        lr = _lr_at(cfg, it)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        batch = next(batches)
-        images = [image.to(device, non_blocking=True) for image, _ in batch]
-        targets = [{k: v.to(device, non_blocking=True) for k, v in target.items()} for _, target in batch]
-        with autocast(device, cfg.precision):
-            loss_dict = model(images, targets)
-        loss = sum(v.float() for v in loss_dict.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"detection loss is {float(loss)} at iteration {it} "
-                                     f"({ {k: float(v) for k, v in loss_dict.items()} }); lower lr={cfg.lr}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip_grad:
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-        opt.step()
-        losses.append(torch.stack([loss.detach()] + [v.detach().float() for v in loss_dict.values()]))
-        if cfg.log_every and (it + 1) % cfg.log_every == 0:
-            mean = torch.stack(losses[-cfg.log_every:]).mean(0).tolist()
-            terms = " ".join(f"{k} {v:.3f}" for k, v in zip(loss_dict, mean[1:]))
-            log(f"iter {it + 1}/{cfg.iterations} loss {mean[0]:.4f} ({terms}) lr {lr:.5f}")
-    last = torch.stack(losses[-max(1, min(50, len(losses))):]).mean(0).tolist()
-    metrics = evaluate_detection(model, val_ds, len(classes), device, cfg)
-    settings = asdict(cfg)
-    settings.update(train_images=len(train_ds), val_images=len(val_ds), num_classes=len(classes),
-                    classes=list(classes), train_loss_last=last[0],
-                    metric="COCO bbox AP (pycocotools) after the last iteration, percent")
-    return {"backbone": desc, "detection": {**metrics, "settings": settings,
-                                            "seconds": round(time.perf_counter() - t0, 2)}}
+    return fine_tune(spec, DetectionTask(cfg), log)
 
 
 @torch.no_grad()
 def evaluate_detection(model: nn.Module, dataset, num_classes: int, device, cfg) -> dict:
     model.eval()
     detections = []
-    bs = max(1, cfg.eval_batch_size)
-    for start in range(0, len(dataset), bs):
-        idx = list(range(start, min(start + bs, len(dataset))))
+    for idx in eval_batches(dataset, cfg.eval_batch_size):
         images = [dataset[i]["image"].float().div(255.0).to(device) for i in idx]
         with autocast(device, cfg.precision):
             outputs = model(images)
@@ -373,19 +319,8 @@ def evaluate_detection(model: nn.Module, dataset, num_classes: int, device, cfg)
 
 
 def run_cli(spec: str, overrides: list[str]) -> int:
-    from pathlib import Path
-
-    from densessl.eval.protocols import default_out, write_metrics
-
     cfg = detection_config(overrides)
-    result = run_detection(spec, cfg)
-    out = default_out(spec, "detection", cfg)
-    write_metrics(result, Path(out))
-    r = result["detection"]
-    print(f"{result['backbone'][-40:]:<40} AP {r['AP']:.2f}  AP50 {r['AP50']:.2f}  AP75 {r['AP75']:.2f}  "
-          f"(Faster R-CNN FPN, {cfg.iterations} iterations, last iteration)")
-    print(f"wrote {out}")
-    return 0
+    return finetune.report(spec, DetectionTask(cfg), run_detection(spec, cfg))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -71,35 +71,17 @@ def train_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y:
         train_t = train_y.to(device).long().clone()
 
     gen = torch.Generator().manual_seed(seed)
-    probe = nn.Linear(train_x.shape[1], num_classes)
-    with torch.no_grad():
-        probe.weight.copy_(torch.randn(probe.weight.shape, generator=gen) * 0.01)
-        probe.bias.zero_()
-    probe.to(device)
-    optimizer = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    probe = linear_head(train_x.shape[1], num_classes, gen).to(device)
     n = train_x.shape[0]
-    steps_per_epoch = math.ceil(n / batch_size)
-    total = epochs * steps_per_epoch
-    step = 0
-    loss_sum = torch.zeros((), device=device)
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen).to(device)
-        loss_sum = torch.zeros((), device=device)
-        for start in range(0, n, batch_size):
-            for group in optimizer.param_groups:
-                group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
-            idx = perm[start:start + batch_size]
-            logits = probe(train_x[idx])
-            if multilabel:
-                loss = F.binary_cross_entropy_with_logits(logits, train_t[idx], reduction="sum") / idx.numel()
-            else:
-                loss = F.cross_entropy(logits, train_t[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * idx.numel()
-            step += 1
-    train_loss_last = float(loss_sum) / n
+    if multilabel:
+        def loss_fn(logits, targets):
+            return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / logits.shape[0]
+    else:
+        loss_fn = F.cross_entropy
+    epoch_losses = [loss for _, loss in sgd_epochs(probe, lambda epoch, perm: (train_x, (train_t,), perm.to(device)),
+                                                   loss_fn, n=n, epochs=epochs, batch_size=batch_size, lr=lr,
+                                                   gen=gen, weight_decay=weight_decay)]
+    train_loss_last = epoch_losses[-1]
     if not math.isfinite(train_loss_last):
         raise FloatingPointError(f"linear probe diverged (last-epoch loss {train_loss_last}); lower lr={lr}")
 
@@ -121,6 +103,50 @@ def train_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y:
                       dim=train_x.shape[1], metric="last-epoch"),
     )
     return result
+
+
+def linear_head(dim: int, num_classes: int, gen: torch.Generator, bias: float = 0.0) -> nn.Linear:
+    """nn.Linear(dim, num_classes): weights N(0, 0.01^2) drawn from `gen`, a constant bias."""
+    head = nn.Linear(dim, num_classes)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
+        head.bias.fill_(bias)
+    return head
+
+
+def sgd_epochs(head: nn.Module, epoch_data, loss_fn, *, n: int, epochs: int, batch_size: int, lr: float,
+               gen: torch.Generator, momentum: float = 0.9, weight_decay: float = 0.0,
+               clip_grad: float | None = None):
+    """The probe loop of every linear probe: SGD with momentum, the learning rate cosine-decayed
+    per step to 0, over `epochs` shuffled passes of `n` training samples; yields
+    (epoch index, mean training loss of that epoch) after each epoch.
+
+    Each epoch draws a permutation of range(n) from `gen`; `epoch_data(epoch, perm)` returns
+    (features, targets tuple, order): batches are `order[start:start + batch_size]` of those,
+    moved to the head's device, and `loss_fn(logits, *targets)` is their loss. (Cached features
+    give `perm` as the order; features recomputed per epoch in `perm`'s order give arange(n).)"""
+    device = head.weight.device
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    total = epochs * math.ceil(n / batch_size)
+    step = 0
+    for epoch in range(epochs):
+        x, targets, order = epoch_data(epoch, torch.randperm(n, generator=gen))
+        # float64: the same sum as adding the losses as Python floats, without a device sync per step
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for start in range(0, n, batch_size):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+            idx = order[start:start + batch_size]
+            logits = head(x[idx].to(device))
+            loss = loss_fn(logits, *(t[idx].to(device) for t in targets))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip_grad:
+                nn.utils.clip_grad_norm_(head.parameters(), clip_grad)
+            optimizer.step()
+            loss_sum += loss.detach().double() * idx.numel()
+            step += 1
+        yield epoch, float(loss_sum) / n
 
 
 def _check_x(x: Tensor, name: str) -> Tensor:

@@ -39,25 +39,22 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from densessl.common.distributed import pick_device
 from densessl.config import ConfigError, EvalBackboneConfig, ModelConfig
 from densessl.data.augment import normalize
 from densessl.eval.metrics import count_skipped, mean_average_precision
-from densessl.eval.transfer import TransferData, autocast, build_task_dataset, load_backbone_spec, pick_device
-
-DEFAULTS = {  # per dataset: the SS-PRL script values
-    "voc": {"train_split": "trainval", "val_split": "test", "batch_size": 32, "lr": 0.03},
-    "coco": {"train_split": "train2014", "val_split": "val2014", "batch_size": 128, "lr": 0.1},
-}
+from densessl.eval.backbone import load_backbone
+from densessl.eval.linear import linear_head, sgd_epochs
+from densessl.eval.transfer import TransferData, autocast, build_task_dataset, load_preset, preset_names, with_preset
 
 
 @dataclass
 class MultilabelData(TransferData):
     dataset: str = "voc"  # voc | coco
-    train_split: Optional[str] = None  # voc: trainval; coco: train2014
-    val_split: Optional[str] = None  # voc: test; coco: val2014
+    train_split: Optional[str] = None  # from the dataset's preset (voc: trainval; coco: train2014)
+    val_split: Optional[str] = None  # from the preset (voc: test; coco: val2014)
 
 
 @dataclass
@@ -66,8 +63,8 @@ class MultilabelTransferConfig(EvalBackboneConfig):  # + model, seed, random_ini
     model: ModelConfig = field(default_factory=lambda: ModelConfig(backbone="resnet50", width=None))
     mode: str = "augment"  # augment | cached
     epochs: int = 100
-    batch_size: Optional[int] = None  # voc 32, coco 128
-    lr: Optional[float] = None  # voc 0.03, coco 0.1
+    batch_size: Optional[int] = None  # from the preset (voc 32, coco 128)
+    lr: Optional[float] = None  # from the preset (voc 0.03, coco 0.1)
     momentum: float = 0.9
     weight_decay: float = 1.0e-6
     clip_grad: Optional[float] = 10.0
@@ -84,17 +81,17 @@ class MultilabelTransferConfig(EvalBackboneConfig):  # + model, seed, random_ini
 
 
 def multilabel_transfer_config(overrides: list[str]) -> MultilabelTransferConfig:
+    """Defaults, then the dataset's preset (eval/presets/multilabel-<voc|coco>.yaml: splits, batch
+    size and lr of SS-PRL's script), then the overrides."""
     from densessl.config import apply_overrides, from_dict, to_dict
 
-    cfg = from_dict(MultilabelTransferConfig, apply_overrides(to_dict(MultilabelTransferConfig()), overrides))
-    if cfg.data.dataset not in DEFAULTS:
-        raise ConfigError(f"data.dataset={cfg.data.dataset!r}; the VOC/COCO multi-label protocol takes voc or coco "
+    tree = to_dict(MultilabelTransferConfig())
+    dataset = from_dict(MultilabelTransferConfig, apply_overrides(tree, overrides)).data.dataset
+    if dataset not in preset_names("multilabel"):
+        raise ConfigError(f"data.dataset={dataset!r}; the VOC/COCO multi-label protocol takes voc or coco "
                           "(Fashion-Scenes: densessl eval multilabel without data.dataset)")
-    d = DEFAULTS[cfg.data.dataset]
-    cfg.data.train_split = cfg.data.train_split or d["train_split"]
-    cfg.data.val_split = cfg.data.val_split or d["val_split"]
-    cfg.batch_size = cfg.batch_size or d["batch_size"]
-    cfg.lr = cfg.lr if cfg.lr is not None else d["lr"]
+    tree = with_preset(tree, load_preset(MultilabelTransferConfig, "multilabel", dataset))
+    cfg = from_dict(MultilabelTransferConfig, apply_overrides(tree, overrides))
     if cfg.mode not in ("augment", "cached"):
         raise ConfigError(f"mode={cfg.mode!r}; expected augment or cached")
     if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
@@ -183,7 +180,7 @@ def run_multilabel_transfer(spec: str, cfg: MultilabelTransferConfig, log=print)
     test_base, _ = build_task_dataset(cfg.data, "val", "multilabel")
     log(f"classes ({len(classes)}, from {getattr(train_base, 'classes_source', cfg.data.dataset)}): "
         f"{', '.join(classes)}")
-    backbone, desc = load_backbone_spec(spec, cfg.model, cfg.init_seed())
+    backbone, desc = load_backbone(spec, cfg)
     backbone = backbone.to(device).eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
@@ -196,44 +193,26 @@ def run_multilabel_transfer(spec: str, cfg: MultilabelTransferConfig, log=print)
         cached = _features(backbone, DataLoader(train_images, batch_size=cfg.feature_batch_size,
                                                 num_workers=workers), device, cfg.precision)
 
-    gen = torch.Generator().manual_seed(cfg.seed)
-    head = nn.Linear(xte.shape[1], len(classes))
-    with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
-        head.bias.fill_(cfg.bias_init)
-    head.to(device)
-    opt = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     n = len(train_images)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    step = 0
-    history = []
-    for epoch in range(cfg.epochs):
-        perm = torch.randperm(n, generator=gen).tolist()
-        if cfg.mode == "augment":
-            train_images.epoch = epoch
-            loader = DataLoader(torch.utils.data.Subset(train_images, perm), batch_size=cfg.feature_batch_size,
-                                num_workers=workers)
-            x, y, ign = _features(backbone, loader, device, cfg.precision)
-            order = torch.arange(n)
-        else:
+
+    def epoch_data(epoch, perm):
+        """This epoch's training features in `perm`'s order: augmented crops (computed now, already
+        in that order) or the cached ones (ordered by `perm`)."""
+        if cfg.mode == "cached":
             x, y, ign = cached
-            order = torch.tensor(perm)
-        loss_sum = 0.0
-        for start in range(0, n, cfg.batch_size):
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
-            idx = order[start:start + cfg.batch_size]
-            logits = head(x[idx].to(device))
-            loss = probe_loss(logits, y[idx].to(device), ign[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad:
-                nn.utils.clip_grad_norm_(head.parameters(), cfg.clip_grad)
-            opt.step()
-            loss_sum += float(loss.detach()) * idx.numel()
-            step += 1
-        train_loss = loss_sum / n
+            return x, (y, ign), perm
+        train_images.epoch = epoch
+        loader = DataLoader(torch.utils.data.Subset(train_images, perm.tolist()), batch_size=cfg.feature_batch_size,
+                            num_workers=workers)
+        x, y, ign = _features(backbone, loader, device, cfg.precision)
+        return x, (y, ign), torch.arange(n)
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    head = linear_head(xte.shape[1], len(classes), gen, bias=cfg.bias_init).to(device)
+    history = []
+    for epoch, train_loss in sgd_epochs(head, epoch_data, probe_loss, n=n, epochs=cfg.epochs,
+                                        batch_size=cfg.batch_size, lr=cfg.lr, gen=gen, momentum=cfg.momentum,
+                                        weight_decay=cfg.weight_decay, clip_grad=cfg.clip_grad):
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"multi-label probe diverged at epoch {epoch + 1} (loss {train_loss}); "
                                      f"lower lr={cfg.lr}")

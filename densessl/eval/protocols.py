@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 
-from densessl.config import DataConfig, EvalBackboneConfig, apply_overrides, from_dict, to_dict
+from densessl.common.distributed import pick_device
+from densessl.config import ConfigError, DataConfig, EvalBackboneConfig, apply_overrides, from_dict, to_dict
 from densessl.data.build import build_dataset
+from densessl.eval.backbone import load_backbone
 from densessl.eval.features import extract_features, recompute_bn_stats
 from densessl.eval.knn import knn_accuracy
 from densessl.eval.linear import train_linear_probe
-from densessl.models.backbones import build_backbone
 
 
 @dataclass
@@ -38,6 +39,7 @@ class EvalConfig(EvalBackboneConfig):  # model, seed, random_init_seed: shared b
     # i.e. un-normalised); data: recomputed on `bn_scenes` training scenes first, weights unchanged
     bn_stats: str = "stored"
     bn_scenes: int = 1024
+    val_fraction: float = 0.2  # imagefolder without train/ and val/ sub-folders: the validation share
     device: str = "auto"
     out: str | None = None  # metrics.json path (default: next to the checkpoint)
 
@@ -46,25 +48,10 @@ def eval_config(overrides: list[str]) -> EvalConfig:
     return from_dict(EvalConfig, apply_overrides(to_dict(EvalConfig()), overrides))
 
 
-def load_eval_backbone(spec: str, cfg: EvalConfig):
-    """(backbone, description) for a checkpoint path or the word `random`."""
-    from densessl.engine.checkpoint import load_backbone
-
-    if spec == "random":
-        init_seed = cfg.init_seed()
-        torch.manual_seed(init_seed)
-        return build_backbone(cfg.model.backbone, cfg.model.width), f"random-init {cfg.model.backbone} (seed {init_seed})"
-    backbone, train_cfg = load_backbone(spec)
-    cfg.model = train_cfg.model
-    return backbone, f"{spec}"
-
-
 class FeatureCache:
     """Features of one backbone on the train/test splits of the eval data, computed once."""
 
     def __init__(self, backbone, cfg: EvalConfig):
-        from densessl.engine.distributed import pick_device
-
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         self.backbone = backbone.to(self.device)
@@ -75,10 +62,17 @@ class FeatureCache:
         if key not in self._cache:
             c = self.cfg
             n = c.num_train if split == "train" else c.num_test
-            if c.data.dataset != "fashion_scenes":
-                raise ValueError("the eval protocols read data.dataset=fashion_scenes here; VOC/COCO/ImageFolder "
-                                 "protocols come with the transfer tools")
-            ds = build_dataset(c.data, split=split, single_item=single_item, num=n)
+            if c.data.dataset == "fashion_scenes":
+                ds = build_dataset(c.data, split=split, single_item=single_item, num=n)
+            elif c.data.dataset in ("imagefolder", "shards") and single_item:
+                ds = labelled_split(c, split, n)
+            else:
+                protocol = "knn and linear" if single_item else "multilabel"
+                raise ConfigError(
+                    f"data.dataset={c.data.dataset}: {protocol} read fashion_scenes"
+                    + (", or a labelled imagefolder / shards (data.root=<folder of class sub-folders>)" if single_item
+                       else ", or voc / coco (data.dataset=voc|coco data.root=...)"))
+            self.classes = getattr(ds, "classes", None)
             dtype = torch.bfloat16 if c.precision == "bf16" else None
             self._cache[key] = extract_features(self.backbone, ds, batch_size=256, device=self.device,
                                                 target_key="label" if single_item else "labels",
@@ -86,20 +80,66 @@ class FeatureCache:
         return self._cache[key]
 
 
+def labelled_split(cfg: EvalConfig, split: str, num: int | None):
+    """The `split` images of a labelled image folder (or shards of one) for kNN and linear.
+
+    `data.root/train` and `data.root/val` when both exist (the ImageNet layout, class
+    sub-folders in each); otherwise the one folder, split by a permutation seeded with
+    `data.seed` into `val_fraction` validation images and the rest for training. At most `num`
+    images of the split (num_train / num_test), a seeded random subset, so that a cap never keeps
+    only the first classes of a folder sorted by class."""
+    from pathlib import Path
+
+    from torch.utils.data import Subset
+
+    from densessl.config import DataConfig
+
+    root = Path(cfg.data.root or "")
+    own = (root / "train").is_dir() and (root / "val").is_dir()
+    data = DataConfig(**{**asdict(cfg.data), "root": str(root / split) if own else str(root)})
+    ds = build_dataset(data, split=split)
+    if not hasattr(ds, "classes") or not getattr(ds, "labelled", True):
+        raise ConfigError(f"data.root={data.root}: knn and linear need class sub-folders (labels); it has none")
+    g = torch.Generator().manual_seed(cfg.data.seed)
+    order = torch.randperm(len(ds), generator=g)
+    if not own:
+        n_val = max(1, round(cfg.val_fraction * len(ds)))
+        order = order[:n_val] if split == "val" else order[n_val:]
+    if num is not None:
+        order = order[:num]
+    subset = Subset(ds, sorted(order.tolist()))
+    subset.classes = ds.classes
+    return subset
+
+
+def _num_classes(cache: FeatureCache, ytr: torch.Tensor) -> int:
+    if cache.cfg.data.dataset == "fashion_scenes":
+        return 10
+    return len(cache.classes) if getattr(cache, "classes", None) else int(ytr.max()) + 1
+
+
+def _data_name(cfg: EvalConfig) -> str:
+    if cfg.data.dataset == "fashion_scenes":
+        return "FashionItems (single item per image)"
+    return f"{cfg.data.dataset} {cfg.data.root}"
+
+
 def run_knn(cache: FeatureCache) -> dict:
     c = cache.cfg
     (xtr, ytr), (xte, yte) = cache.get(True, "train"), cache.get(True, "val")
-    acc = knn_accuracy(xtr, ytr, xte, yte, num_classes=10, k=c.k, temperature=c.temperature, chunk_size=c.chunk_size)
+    acc = knn_accuracy(xtr, ytr, xte, yte, num_classes=_num_classes(cache, ytr), k=c.k, temperature=c.temperature,
+                       chunk_size=c.chunk_size)
     return {"knn_top1": acc, "settings": {"k": c.k, "temperature": c.temperature, "train": len(xtr), "test": len(xte),
-                                          "data": "FashionItems (single item per image)"}}
+                                          "data": _data_name(c)}}
 
 
 def run_linear(cache: FeatureCache) -> dict:
     c = cache.cfg
     (xtr, ytr), (xte, yte) = cache.get(True, "train"), cache.get(True, "val")
     res = train_linear_probe(xtr, ytr, xte, yte, multilabel=False, epochs=c.epochs, lr=c.lr,
-                             weight_decay=c.weight_decay, batch_size=c.batch_size, seed=c.seed, num_classes=10)
-    return {"linear_top1": res["top1"], "settings": {**_settings(res), "data": "FashionItems"}}
+                             weight_decay=c.weight_decay, batch_size=c.batch_size, seed=c.seed,
+                             num_classes=_num_classes(cache, ytr))
+    return {"linear_top1": res["top1"], "settings": {**_settings(res), "data": _data_name(c)}}
 
 
 def run_multilabel(cache: FeatureCache) -> dict:
@@ -120,7 +160,7 @@ PROTOCOLS = {"knn": run_knn, "linear": run_linear, "multilabel": run_multilabel}
 
 def evaluate(spec: str, protocols: list[str], cfg: EvalConfig) -> dict:
     """Run protocols on one backbone; returns {"backbone": ..., protocol: metrics, ...}."""
-    backbone, desc = load_eval_backbone(spec, cfg)
+    backbone, desc = load_backbone(spec, cfg)
     cache = FeatureCache(backbone, cfg)
     if cfg.bn_stats == "data":
         scenes = build_dataset(cfg.data, split="train", num=cfg.bn_scenes, with_masks=False)

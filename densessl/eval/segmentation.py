@@ -21,7 +21,7 @@ validation images at their full size after the LAST iteration; IoU_c = TP / (TP 
 mIoU = mean over classes that occur in the ground truth or the predictions (others are NaN and
 skipped, like mmseg's nanmean), plus pixel accuracy.
 
-Presets (``preset=``): ``scenes`` (the default values: Fashion-Scenes 64 px, a few CPU
+Presets (``preset=``, files eval/presets/segmentation-NAME.yaml): ``scenes`` (the default values: Fashion-Scenes 64 px, a few CPU
 minutes), ``voc-fcn`` (the SS-PRL / DenseCL VOC12+aug protocol, FCN on a dilated R50 at 512
 px, 20k iterations), ``frozen-deeplabv3`` (the optical-flow PixPro protocol's schedule on
 VOC-style data). See docs/interop.md.
@@ -29,18 +29,18 @@ VOC-style data). See docs/interop.md.
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densessl.config import ConfigError, EvalBackboneConfig, ModelConfig
+from densessl.config import ConfigError
 from densessl.data.augment import normalize
-from densessl.eval.transfer import (SampleStream, TransferData, autocast, build_task_dataset, load_backbone_spec,
-                                    pick_device, stream_loader, transfer_config)
+from densessl.eval import finetune
+from densessl.eval.finetune import FinetuneConfig, FinetuneTask, eval_batches, fine_tune
+from densessl.eval.transfer import autocast, transfer_config
 
 IGNORE_INDEX = 255
 
@@ -177,56 +177,24 @@ class SegmentationModel(nn.Module):
 
 
 @dataclass
-class SegmentationConfig(EvalBackboneConfig):  # + model, seed, random_init_seed (every protocol's keys)
-    data: TransferData = field(default_factory=TransferData)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(backbone="resnet18_small", width=32))
-    preset: Optional[str] = None
+class SegmentationConfig(FinetuneConfig):  # + data, model, preset, the SGD schedule, logging (finetune.py)
     head: str = "fcn"  # fcn | deeplabv3
     stages: list[str] = field(default_factory=lambda: ["c5"])  # [c5] or [c4, c5]
     aspp_rates: list[int] = field(default_factory=lambda: [12, 24, 36])
     output_stride: Optional[int] = None  # dilate the last stages to this C5 stride (null: the backbone's own)
     freeze_backbone: bool = False
-    iterations: int = 600
-    batch_size: int = 16
-    lr: float = 0.01
     backbone_lr_mult: float = 1.0
     weight_decay: float = 5.0e-4
-    momentum: float = 0.9
     poly_power: float = 0.9
     min_lr: float = 1.0e-4
-    warmup_iters: int = 0
     crop_size: int = 64  # training crop (padded with 0 / 255 when the image is smaller)
     scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])  # random rescale before cropping
-    flip: bool = True
-    eval_batch_size: int = 32  # validation images of different sizes are padded (pad = ignored)
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "fp32"
-    log_every: int = 100
-    out: Optional[str] = None
-
-
-PRESETS: dict[str, dict] = {
-    # the default values: Fashion-Scenes 64 px, resnet18_small; a few minutes on 2 CPU cores
-    "scenes": {},
-    # SS-PRL / DenseCL: FCN on R50-D8, VOC12 + SBD aug (train_aug), 512 crops, scale 0.5-2,
-    # 20k iterations x 16 images, SGD lr 0.01 (SS-PRL's log; its schedule file says 0.05), wd 5e-4, poly
-    "voc-fcn": {"data": {"dataset": "voc", "train_split": "train_aug", "val_split": "val", "num_workers": 8},
-                "model": {"backbone": "resnet50", "width": None}, "head": "fcn", "output_stride": 8,
-                "iterations": 20000, "batch_size": 16, "lr": 0.01, "weight_decay": 5.0e-4, "crop_size": 512,
-                "scale_range": [0.5, 2.0], "eval_batch_size": 1, "log_every": 50},
-    # PixPro optical-flow variant: frozen backbone, DeepLabV3 (ASPP 6/12/18) at output stride 16,
-    # 40k iterations x 8, lr 0.01, poly (it used Cityscapes 512x1024 crops; point data.* at your data)
-    "frozen-deeplabv3": {"data": {"num_workers": 8}, "model": {"backbone": "resnet50", "width": None},
-                         "head": "deeplabv3", "aspp_rates": [6, 12, 18], "output_stride": 16,
-                         "freeze_backbone": True, "iterations": 40000, "batch_size": 8, "lr": 0.01,
-                         "weight_decay": 1.0e-4, "crop_size": 512, "scale_range": [0.5, 2.0],
-                         "eval_batch_size": 1, "log_every": 50},
-}
+    # eval_batch_size: validation images of different sizes are padded (pad = ignored)
 
 
 def segmentation_config(overrides: list[str]) -> SegmentationConfig:
-    return transfer_config(SegmentationConfig, PRESETS, overrides)
+    """Defaults, the preset eval/presets/segmentation-NAME.yaml (preset=NAME), then the overrides."""
+    return transfer_config(SegmentationConfig, "segmentation", overrides)
 
 
 # ---------------------------------------------------------------- data
@@ -252,18 +220,6 @@ def _random_crop(image, mask, size: int, scale: float, flip: bool, gen: torch.Ge
     return image.float(), mask
 
 
-class _TrainTransform:
-    """Item -> (uint8-valued float crop, mask): random rescale in ``scale_range``, crop, flip."""
-
-    def __init__(self, size: int, scale_range: tuple[float, float], flip: bool):
-        self.size, self.scale_range, self.flip = size, scale_range, flip
-
-    def __call__(self, item, gen):
-        lo, hi = self.scale_range
-        scale = float(lo + (hi - lo) * torch.rand((), generator=gen))
-        return _random_crop(item["image"], item["mask"], self.size, scale, self.flip, gen)
-
-
 def _stack(batch):
     return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
 
@@ -283,78 +239,77 @@ def _pad_batch(items: list[dict]):
 # ---------------------------------------------------------------- protocol
 
 
-def run_segmentation(spec: str, cfg: SegmentationConfig, log=print) -> dict:
-    """Train the head (and the backbone unless frozen) and return the metrics dict."""
-    if cfg.iterations < 1 or cfg.batch_size < 1 or cfg.crop_size < 8:
-        raise ConfigError(f"need iterations >= 1, batch_size >= 1, crop_size >= 8; got {cfg.iterations}, "
-                          f"{cfg.batch_size}, {cfg.crop_size}")
-    t0 = time.perf_counter()
-    device = pick_device(cfg.device)
-    train_ds, classes = build_task_dataset(cfg.data, "train", "segmentation")
-    val_ds, _ = build_task_dataset(cfg.data, "val", "segmentation")
-    backbone, desc = load_backbone_spec(spec, cfg.model, cfg.init_seed())
-    if cfg.output_stride is not None:
-        set_output_stride(backbone, cfg.output_stride)
-    torch.manual_seed(cfg.seed)
-    model = SegmentationModel(backbone, len(classes), cfg.head, tuple(cfg.stages), tuple(cfg.aspp_rates))
-    if cfg.freeze_backbone:
-        model.freeze_backbone()
-    model.to(device)
-    head_params = list(model.head.parameters())
-    groups = [{"params": head_params, "lr_mult": 1.0}]
-    if not cfg.freeze_backbone:
-        groups.append({"params": list(model.backbone.parameters()), "lr_mult": cfg.backbone_lr_mult})
-    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+class SegmentationTask(FinetuneTask):
+    """A head on the backbone (frozen or fine-tuned): cross-entropy, poly lr."""
 
-    transform = _TrainTransform(cfg.crop_size, tuple(cfg.scale_range), cfg.flip)
-    stream = SampleStream(train_ds, cfg.iterations * cfg.batch_size, cfg.seed, transform)
-    batches = iter(stream_loader(stream, cfg.batch_size, cfg.data.num_workers, _stack))
-    model.train()
-    loss_hist = []
-    for it in range(cfg.iterations):
-        lr = _poly_lr(cfg, it)
-        for g in opt.param_groups:
-            g["lr"] = lr * g["lr_mult"]
-        images, masks = next(batches)
+    name = "segmentation"
+    collate = staticmethod(_stack)
+
+    def check(self) -> None:
+        cfg = self.cfg
+        if cfg.iterations < 1 or cfg.batch_size < 1 or cfg.crop_size < 8:
+            raise ConfigError(f"need iterations >= 1, batch_size >= 1, crop_size >= 8; got {cfg.iterations}, "
+                              f"{cfg.batch_size}, {cfg.crop_size}")
+
+    def build(self, backbone, num_classes):
+        cfg = self.cfg
+        if cfg.output_stride is not None:
+            set_output_stride(backbone, cfg.output_stride)
+        model = SegmentationModel(backbone, num_classes, cfg.head, tuple(cfg.stages), tuple(cfg.aspp_rates))
+        groups = [{"params": list(model.head.parameters()), "lr_mult": 1.0}]
+        if cfg.freeze_backbone:
+            model.freeze_backbone()
+        else:
+            groups.append({"params": list(model.backbone.parameters()), "lr_mult": cfg.backbone_lr_mult})
+        return model, groups
+
+    def transform(self, item, gen):
+        """Random rescale in ``scale_range``, crop, flip: (uint8-valued float crop, mask)."""
+        lo, hi = self.cfg.scale_range
+        scale = float(lo + (hi - lo) * torch.rand((), generator=gen))
+        return _random_crop(item["image"], item["mask"], self.cfg.crop_size, scale, self.cfg.flip, gen)
+
+    def loss(self, model, batch, device):
+        images, masks = batch
         images = normalize(images.to(device, non_blocking=True) / 255.0)
         masks = masks.to(device, non_blocking=True)
-        with autocast(device, cfg.precision):
+        with autocast(device, self.cfg.precision):
             logits = model(images)
-        loss = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"segmentation loss is {float(loss)} at iteration {it}; lower lr={cfg.lr}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_hist.append(loss.detach())
-        if cfg.log_every and (it + 1) % cfg.log_every == 0:
-            log(f"iter {it + 1}/{cfg.iterations} loss {float(torch.stack(loss_hist[-cfg.log_every:]).mean()):.4f} "
-                f"lr {lr:.5f}")
-    train_loss_last = float(torch.stack(loss_hist[-max(1, min(50, len(loss_hist))):]).mean())
-    metrics = evaluate_segmentation(model, val_ds, len(classes), device, cfg)
-    metrics["iou_per_class"] = dict(zip(classes, metrics["iou_per_class"]))
-    settings = asdict(cfg)
-    settings.update(train_images=len(train_ds), val_images=len(val_ds), num_classes=len(classes),
-                    metric="mIoU after the last iteration", train_loss_last=train_loss_last,
-                    backbone_frozen=cfg.freeze_backbone)
-    return {"backbone": desc, "segmentation": {**metrics, "settings": settings,
-                                               "seconds": round(time.perf_counter() - t0, 2)}}
+        return F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX), {}
+
+    def lr_at(self, it: int) -> float:
+        """Poly decay from lr to min_lr over the iterations, after an optional linear warm-up."""
+        cfg = self.cfg
+        lr = (cfg.lr - cfg.min_lr) * (1.0 - it / cfg.iterations) ** cfg.poly_power + cfg.min_lr
+        if it < cfg.warmup_iters:
+            lr *= (it + 1) / cfg.warmup_iters
+        return lr
+
+    def evaluate(self, model, dataset, classes, device):
+        metrics = evaluate_segmentation(model, dataset, len(classes), device, self.cfg)
+        metrics["iou_per_class"] = dict(zip(classes, metrics["iou_per_class"]))
+        return metrics
+
+    def settings(self, classes):
+        return {"metric": "mIoU after the last iteration", "backbone_frozen": self.cfg.freeze_backbone}
+
+    def summary(self, r):
+        mode = "frozen backbone" if self.cfg.freeze_backbone else "fine-tuned"
+        return (f"mIoU {100 * r['mIoU']:.2f}  pixel acc {100 * r['pixel_acc']:.2f}  "
+                f"({self.cfg.head}, {mode}, {self.cfg.iterations} iterations, last iteration)")
 
 
-def _poly_lr(cfg: SegmentationConfig, it: int) -> float:
-    lr = (cfg.lr - cfg.min_lr) * (1.0 - it / cfg.iterations) ** cfg.poly_power + cfg.min_lr
-    if it < cfg.warmup_iters:
-        lr *= (it + 1) / cfg.warmup_iters
-    return lr
+def run_segmentation(spec: str, cfg: SegmentationConfig, log=print) -> dict:
+    """Train the head (and the backbone unless frozen) and return the metrics dict."""
+    return fine_tune(spec, SegmentationTask(cfg), log)
 
 
 @torch.no_grad()
 def evaluate_segmentation(model: nn.Module, dataset, num_classes: int, device, cfg) -> dict:
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    bs = max(1, cfg.eval_batch_size)
-    for start in range(0, len(dataset), bs):
-        images, masks = _pad_batch([dataset[i] for i in range(start, min(start + bs, len(dataset)))])
+    for idx in eval_batches(dataset, cfg.eval_batch_size):
+        images, masks = _pad_batch([dataset[i] for i in idx])
         with autocast(device, cfg.precision):
             logits = model(normalize(images.to(device)))
         cm += confusion_matrix(logits.argmax(1).cpu(), masks, num_classes)
@@ -365,20 +320,8 @@ def evaluate_segmentation(model: nn.Module, dataset, num_classes: int, device, c
 
 
 def run_cli(spec: str, overrides: list[str]) -> int:
-    from pathlib import Path
-
-    from densessl.eval.protocols import default_out, write_metrics
-
     cfg = segmentation_config(overrides)
-    result = run_segmentation(spec, cfg)
-    out = default_out(spec, "segmentation", cfg)
-    write_metrics(result, Path(out))
-    r = result["segmentation"]
-    mode = "frozen backbone" if cfg.freeze_backbone else "fine-tuned"
-    print(f"{result['backbone'][-40:]:<40} mIoU {100 * r['mIoU']:.2f}  pixel acc {100 * r['pixel_acc']:.2f}  "
-          f"({cfg.head}, {mode}, {cfg.iterations} iterations, last iteration)")
-    print(f"wrote {out}")
-    return 0
+    return finetune.report(spec, SegmentationTask(cfg), run_segmentation(spec, cfg))
 
 
 if __name__ == "__main__":  # pragma: no cover

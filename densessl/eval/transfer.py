@@ -1,25 +1,30 @@
 """Shared parts of the transfer protocols (detection, segmentation, VOC/COCO multi-label).
 
-- :func:`load_backbone_spec`: a densessl checkpoint, a densessl ``.safetensors`` backbone, or
-  the word ``random`` (the same architecture, randomly initialised with the protocol's seed).
-  Every backbone then goes through the same code: no special case for ``random``.
+(Backbones come from the one loader of every protocol, :func:`densessl.eval.backbone.load_backbone`.)
+
 - :class:`TransferData`: where the data comes from (``fashion_scenes`` | ``voc`` | ``coco``)
   and :func:`build_task_dataset`, which gives items with the same keys whatever the source.
 - :func:`transfer_config`: a config dataclass from ``preset=NAME`` plus ``key=value``
-  overrides (the preset's values first, the user's on top), unknown keys refused.
+  overrides (the preset's values first, the user's on top), unknown keys refused. Presets are
+  YAML files, ``densessl/eval/presets/<protocol>-<name>.yaml``, checked against the protocol's
+  dataclass by the recipes' loader (:func:`densessl.config.from_dict`) when they are read.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
 from torch.utils.data import Dataset
 
-from densessl.config import ConfigError, ModelConfig, apply_overrides, from_dict, to_dict
+from omegaconf import OmegaConf
+
+from densessl.config import ConfigError, apply_overrides, from_dict, load_yaml_tree, to_dict
 
 TASKS = ("detection", "segmentation", "multilabel")
+PRESETS_DIR = Path(__file__).parent / "presets"
 
 
 @dataclass
@@ -39,9 +44,33 @@ class TransferData:
     classes: Optional[list[str]] = None
 
 
-def transfer_config(cls, presets: dict[str, dict], overrides: list[str]):
-    """``cls`` built from its defaults, then ``presets[preset]`` (if ``preset=NAME`` is given),
-    then the other overrides. The chosen preset name is kept in ``cfg.preset``."""
+def preset_names(protocol: str) -> list[str]:
+    """The presets of `protocol` (detection, segmentation, dense, multilabel) in PRESETS_DIR."""
+    return sorted(p.stem[len(protocol) + 1:] for p in PRESETS_DIR.glob(f"{protocol}-*.yaml"))
+
+
+def load_preset(cls, protocol: str, name: str) -> dict:
+    """The keys of preset `name` of `protocol`, checked against `cls` (unknown keys and wrong
+    types are refused, naming the file)."""
+    path = PRESETS_DIR / f"{protocol}-{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"unknown preset {name!r}; expected one of {', '.join(preset_names(protocol))} (preset=NAME)")
+    tree = load_yaml_tree(path)
+    try:
+        from_dict(cls, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return tree
+
+
+def with_preset(tree: dict, preset: dict) -> dict:
+    """`tree` with the preset's keys merged over it (lists replaced whole)."""
+    return OmegaConf.to_container(OmegaConf.merge(tree, preset))
+
+
+def transfer_config(cls, protocol: str, overrides: list[str]):
+    """``cls`` built from its defaults, then the preset ``protocol-NAME`` (if ``preset=NAME`` is
+    given), then the other overrides. The chosen preset name is kept in ``cfg.preset``."""
     preset = None
     rest = []
     for o in overrides:
@@ -52,48 +81,9 @@ def transfer_config(cls, presets: dict[str, dict], overrides: list[str]):
             rest.append(o)
     tree = to_dict(cls())
     if preset is not None:
-        if preset not in presets:
-            raise ConfigError(f"unknown preset {preset!r}; expected one of {', '.join(sorted(presets))}")
-        tree = apply_overrides(tree, _flatten(presets[preset]))
+        tree = with_preset(tree, load_preset(cls, protocol, preset))
         tree["preset"] = preset
     return from_dict(cls, apply_overrides(tree, rest))
-
-
-def _flatten(d: dict, prefix: str = "") -> list[str]:
-    import json
-
-    out = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out += _flatten(v, key + ".")
-        else:
-            out.append(f"{key}={json.dumps(v)}")
-    return out
-
-
-def load_backbone_spec(spec: str, model: ModelConfig, seed: int):
-    """(backbone, description): a checkpoint / safetensors path, or ``random`` (weights from
-    ``seed``: pass the config's ``init_seed()``)."""
-    from densessl.models.backbones import build_backbone
-
-    if spec == "random":
-        torch.manual_seed(seed)
-        try:
-            return build_backbone(model.backbone, model.width), f"random-init {model.backbone} (seed {seed})"
-        except ValueError as e:
-            raise ConfigError(f"model: {e}") from None
-    from densessl.interop import backbone_arch, load_any_backbone
-
-    backbone = load_any_backbone(spec)
-    model.backbone, model.width = backbone_arch(backbone)
-    return backbone, spec
-
-
-def pick_device(pref: str) -> torch.device:
-    from densessl.engine.distributed import pick_device as _pick
-
-    return _pick(pref)
 
 
 def autocast(device: torch.device, precision: str):

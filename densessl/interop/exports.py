@@ -1,6 +1,7 @@
-"""Backbone exports (safetensors, torchvision, timm, detectron2) and loading densessl backbones.
+"""Backbone exports (safetensors, torchvision, timm, detectron2).
 
-Exports take a densessl backbone (from a densessl checkpoint or a densessl safetensors file):
+Exports take a densessl backbone (from a densessl checkpoint or a densessl safetensors file, read
+by densessl.eval.backbone):
 
 - ``safetensors`` (default): the backbone state_dict with torchvision key names, plus metadata
   ``format=densessl-backbone-v1, arch, width``; works for every densessl backbone.
@@ -26,19 +27,16 @@ exporting it to torchvision/timm/detectron2 is refused with a clear error.
 from __future__ import annotations
 
 import pickle
-import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
-from densessl.engine.checkpoint import CheckpointError
+from densessl.common.checkpoint import SAFETENSORS_FORMAT
+from densessl.common.errors import InteropError
 
 if TYPE_CHECKING:  # torchvision is imported only when a backbone is built
     from densessl.models.backbones import Backbone
 
-SAFETENSORS_FORMAT = "densessl-backbone-v1"
 EXPORT_FORMATS = ("safetensors", "torchvision", "timm", "detectron2")
 TORCHVISION_ARCHS = ("resnet18", "resnet50")
 DETECTRON2_CONFIG = {
@@ -51,106 +49,6 @@ DETECTRON2_CONFIG = {
 }
 
 
-class InteropError(CheckpointError):
-    """An export or import cannot be done; the message says which file, key or architecture."""
-
-
-# ---------------------------------------------------------------- loading densessl backbones
-
-
-def backbone_arch(backbone: Backbone) -> tuple[str, int | None]:
-    """(arch name, width) of a densessl backbone (width only for *_small)."""
-    name = backbone.name
-    return name, (int(backbone.conv1.out_channels) if name.endswith("_small") else None)
-
-
-def load_safetensors_backbone(path: str | Path) -> Backbone:
-    """A densessl backbone from a safetensors file (densessl's export, or any torchvision-named
-    ResNet state_dict: the architecture is then inferred from the keys)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise InteropError(f"{path}: file not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(path))
-    except Exception as e:
-        raise InteropError(f"{path}: cannot read safetensors ({type(e).__name__}: {str(e)[:200]})") from e
-    if meta.get("format") == SAFETENSORS_FORMAT:
-        width = int(meta["width"]) if meta.get("width") not in (None, "", "None") else None
-        arch = meta.get("arch", "")
-    else:
-        arch, width = infer_arch(state, path)
-    return build_strict(state, arch, width, path)
-
-
-def load_any_backbone(path: str | Path) -> Backbone:
-    """A densessl checkpoint (``.pt``) or a safetensors backbone file."""
-    from densessl.engine.checkpoint import load_backbone
-
-    if str(path).endswith(".safetensors"):
-        return load_safetensors_backbone(path)
-    backbone, _ = load_backbone(path)
-    return backbone
-
-
-def build_strict(state: dict, arch: str, width: int | None, source) -> Backbone:
-    """Build ``arch`` and load ``state`` strictly (missing ``num_batches_tracked`` tolerated)."""
-    from densessl.models.backbones import build_backbone
-
-    try:
-        backbone = build_backbone(arch, width)
-    except ValueError as e:
-        raise InteropError(f"{source}: {e}") from None
-    expected = backbone.state_dict()
-    state = dict(state)
-    for k, v in expected.items():
-        if k.endswith("num_batches_tracked") and k not in state:
-            state[k] = torch.zeros_like(v)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs {arch} {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        raise InteropError(f"{source}: keys do not match a densessl {arch} backbone: " + _mismatch(missing, unexpected, shapes))
-    backbone.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
-    return backbone
-
-
-def _mismatch(missing, unexpected, shapes=(), n: int = 8) -> str:
-    parts = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-        if keys:
-            more = f" ... (+{len(keys) - n} more)" if len(keys) > n else ""
-            parts.append(f"{len(keys)} {label}: {', '.join(list(keys)[:n])}{more}")
-    return "; ".join(parts)
-
-
-def infer_arch(state: dict, source) -> tuple[str, int | None]:
-    """(arch, width) of a torchvision-named ResNet state_dict: resnet50, resnet18 or resnet18_small."""
-    if "conv1.weight" not in state:
-        raise InteropError(f"{source}: no 'conv1.weight': not a torchvision-named ResNet state_dict "
-                           f"(first keys: {', '.join(list(state)[:5])})")
-    blocks = []
-    for i in range(1, 5):
-        idx = {int(m.group(1)) for k in state if (m := re.match(rf"layer{i}\.(\d+)\.", k))}
-        blocks.append(max(idx) + 1 if idx else 0)
-    bottleneck = "layer1.0.conv3.weight" in state
-    stem = tuple(state["conv1.weight"].shape)
-    if bottleneck and blocks == [3, 4, 6, 3] and stem == (64, 3, 7, 7):
-        return "resnet50", None
-    if not bottleneck and blocks == [2, 2, 2, 2] and stem == (64, 3, 7, 7):
-        return "resnet18", None
-    if not bottleneck and blocks == [2, 2, 2, 2] and stem[1:] == (3, 3, 3):
-        return "resnet18_small", int(stem[0])
-    kind = "Bottleneck" if bottleneck else "BasicBlock"
-    raise InteropError(f"{source}: a ResNet with {kind} blocks {blocks} and stem {stem} is not a densessl "
-                       "backbone (resnet18, resnet50, resnet18_small)")
-
-
 # ---------------------------------------------------------------- exports
 
 
@@ -159,6 +57,8 @@ def _export_state(backbone: Backbone) -> OrderedDict:
 
 
 def _require_torchvision_arch(backbone: Backbone, fmt: str) -> None:
+    from densessl.eval.backbone import backbone_arch  # here, not at the top: keeps `densessl --help` light
+
     arch, _ = backbone_arch(backbone)
     if arch not in TORCHVISION_ARCHS:
         raise InteropError(f"cannot export backbone {arch!r} to {fmt}: it is not a torchvision architecture "
@@ -206,7 +106,8 @@ def to_detectron2(state: dict) -> dict:
 
 def export_backbone(backbone: Backbone, fmt: str, out: str | Path) -> Path:
     """Write ``backbone`` in format ``fmt`` (one of EXPORT_FORMATS) to ``out``; returns the path."""
-    from densessl.engine.checkpoint import save_atomic
+    from densessl.common.checkpoint import save_atomic
+    from densessl.eval.backbone import backbone_arch
 
     if fmt not in EXPORT_FORMATS:
         raise InteropError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from densessl.interop.exports import (InteropError, _export_state, backbone_arch, build_strict, export_backbone,
-                                      infer_arch, load_safetensors_backbone, torchvision_key_from_detectron2)
+from densessl.common.errors import InteropError
+from densessl.interop.exports import _export_state, export_backbone, torchvision_key_from_detectron2
 
 if TYPE_CHECKING:  # torchvision is imported only when a backbone is built
     from densessl.models.backbones import Backbone
@@ -253,6 +253,8 @@ def import_official(path: str | Path, layout: str, arch: str = "auto", drop: tup
     ``arch="auto"`` infers resnet18/resnet50 from the keys. ``drop``: extra regexes of head
     keys (matched after the prefix) to leave out, for heads this module does not know.
     """
+    from densessl.eval.backbone import build_strict, infer_arch, load_safetensors_backbone  # builds torchvision
+
     path = Path(path)
     if layout == "densessl":
         backbone = load_safetensors_backbone(path)
@@ -272,9 +274,10 @@ def import_official(path: str | Path, layout: str, arch: str = "auto", drop: tup
 
 def save_imported(backbone: Backbone, out: str | Path, source: str = "") -> Path:
     """Write an imported backbone: ``.safetensors`` (densessl export) or a densessl checkpoint
-    (``.pt``: ``densessl eval ...`` and ``load_backbone`` read it)."""
+    (``.pt``: ``densessl eval ...`` and ``densessl.eval.backbone.load_backbone`` read it)."""
+    from densessl.common.checkpoint import FORMAT, save_atomic
     from densessl.config import Config, ModelConfig, to_dict
-    from densessl.engine.checkpoint import FORMAT, save_atomic
+    from densessl.eval.backbone import backbone_arch
 
     out = Path(out)
     if out.suffix == ".safetensors":

@@ -11,12 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from densessl.engine.ema import ema_update_, make_target
-from densessl.engine.schedules import cosine_momentum
 from densessl.methods import register
-from densessl.methods.base import Method, forward_by_resolution
+from densessl.methods.base import forward_by_resolution
+from densessl.methods.losses import byol_loss, embedding_std
+from densessl.methods.momentum import MomentumMethod, MomentumSchedule, make_target
 from densessl.models.heads import mlp
 
 
@@ -30,25 +29,19 @@ class BYOLConfig:
     momentum_end: float = 1.0  # cosine from momentum_base to this (1.0: the paper); short runs: < 1
 
 
-def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Per-sample 2 - 2 cos(p, z), with z treated as a constant (stop-gradient)."""
-    return 2.0 - 2.0 * (F.normalize(p, dim=-1) * F.normalize(z.detach(), dim=-1)).sum(dim=-1)
-
-
-def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-    """Symmetric BYOL loss: mean over the batch of l(p1, z2) + l(p2, z1); in [0, 8]."""
-    return (regression_loss(p1, z2) + regression_loss(p2, z1)).mean()
-
-
 @register("byol", BYOLConfig)
-class BYOL(Method):
+class BYOL(MomentumMethod):
     def __init__(self, cfg: BYOLConfig, backbone):
-        super().__init__(cfg, backbone)
+        # the official placement: after step t, with m(t)
+        super().__init__(cfg, backbone, MomentumSchedule(cfg.momentum_base, cfg.momentum_end),
+                         update_for_next_step=False)
         self.projector = mlp(backbone.out_dim, cfg.proj_hidden_dim, cfg.proj_dim)
         self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim)
         self.target_backbone = make_target(backbone)
         self.target_projector = make_target(self.projector)
-        self.momentum = cfg.momentum_base
+
+    def momentum_pairs(self):
+        return [(self.target_backbone, self.backbone), (self.target_projector, self.projector)]
 
     def forward(self, views, batch):
         if len(views) != 2:
@@ -63,13 +56,6 @@ class BYOL(Method):
             "loss": loss,
             "byol": loss.detach(),
             # collapse statistic: per-dimension std of normalised projections (~1/sqrt(d) healthy)
-            "z_std": F.normalize(z1.float(), dim=-1).std(dim=0).mean(),
+            "z_std": embedding_std(z1),
             "features": h1.detach(),
         }
-
-    @torch.no_grad()
-    def after_step(self, step, total_steps):
-        # m(k) with k = index of the step just taken (SCRL's placement: after optimizer.step)
-        self.momentum = cosine_momentum(step, total_steps, self.cfg.momentum_base, self.cfg.momentum_end)
-        ema_update_(self.target_backbone, self.backbone, self.momentum)
-        ema_update_(self.target_projector, self.projector, self.momentum)

@@ -3,7 +3,7 @@
 Follows `zaczgao/Cross-Context_Learning` (specs, section 4):
 - student = backbone + global head (GAP -> Linear(D, 4096) -> ReLU -> Linear(4096, 512)) +
   FeatDistiller on the hypercolumn; teacher = EMA copy of all three (m = 0.999 constant,
-  updated inside forward before the teacher pass), run with shuffle-BN (see moco.py);
+  updated before the teacher pass, as MoCo: see momentum.py), run with shuffle-BN (see moco.py);
 - hypercolumn: the maps of `hyper_stages` (layer3 + layer4 = c4 + c5 by default) resized
   bilinearly (align_corners=False) to `hyper_size` (default: the size of the last listed
   stage, i.e. c4 is downsampled to c5's grid, as the code does) and concatenated on channels;
@@ -37,12 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densessl.engine.ema import make_target
 from densessl.methods import register
-from densessl.methods.base import Method
-from densessl.methods.moco import MomentumMixin, _no_autocast, info_nce_loss, momentum_at
-from densessl.methods.queue import KeyQueue
-from densessl.methods.swav import embedding_std
+from densessl.methods.losses import embedding_std, info_nce_loss, relation_ce
+from densessl.methods.momentum import KeyQueue, MomentumContrast, make_target, no_autocast
 from densessl.models.backbones import STAGES
 from densessl.models.heads import mlp
 
@@ -69,7 +66,7 @@ class CGHConfig:
     # the ablation of specs claim C7 (each learns its own context's, i.e. ReSSL on each head)
     relation_targets: str = "cross"
     shuffle_bn: bool = True
-    bn_splits: int = 8  # one process: BN groups per batch (see moco.py); 1 = off
+    bn_splits: int = 8  # one process: BN groups per batch (see momentum.SplitBatchNorm2d); 1 = off
 
 
 # ---------------------------------------------------------------- pure functions
@@ -80,18 +77,6 @@ def hypercolumn(maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor
     out = [m if tuple(m.shape[-2:]) == tuple(size)
            else F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps]
     return torch.cat(out, dim=1)
-
-
-def relation(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """An instance relation: softmax over the queue entries of similarity / T (rows sum to 1)."""
-    return F.softmax(logits / temperature, dim=1)
-
-
-def relation_ce(teacher_logits: torch.Tensor, student_logits: torch.Tensor, t_teacher: float,
-                t_student: float) -> torch.Tensor:
-    """Mean over the batch of -sum_j p_j log r_j, p = teacher relation (constant), r = student's."""
-    p = relation(teacher_logits.detach(), t_teacher)
-    return -(p * F.log_softmax(student_logits / t_student, dim=1)).sum(dim=1).mean()
 
 
 def cgh_weights(step: int, steps_per_epoch: int, warmup_epochs: float) -> tuple[float, float, float]:
@@ -135,17 +120,15 @@ class FeatDistiller(nn.Module):
 
 
 @register("cgh", CGHConfig)
-class CGH(MomentumMixin, Method):
+class CGH(MomentumContrast):
     def __init__(self, cfg: CGHConfig, backbone):
-        super().__init__(cfg, backbone)
-        momentum_at(0, 1, cfg.momentum, cfg.momentum_schedule)
         if cfg.relation_targets not in ("cross", "within"):
             raise ValueError(f"method.relation_targets={cfg.relation_targets!r}: expected 'cross' (CGH) or 'within' "
                              f"(each context distils its own relation, the ablation of the cross-context design)")
         bad = [s for s in cfg.hyper_stages if s not in STAGES]
         if not cfg.hyper_stages or bad:
             raise ValueError(f"method.hyper_stages={list(cfg.hyper_stages)}: expected a non-empty list of {list(STAGES)}")
-        self._setup_bn(backbone)
+        super().__init__(cfg, backbone)
         self.stages = tuple(sorted(set(cfg.hyper_stages) | {"c5"}))
         in_dim = sum(backbone.channels[s] for s in cfg.hyper_stages)
         self.head = mlp(backbone.out_dim, cfg.proj_hidden_dim, cfg.proj_dim, batch_norm=False)
@@ -154,7 +137,9 @@ class CGH(MomentumMixin, Method):
         self.key_head = make_target(self.head)
         self.key_distiller = make_target(self.distiller)
         self.queue = KeyQueue(cfg.queue_size, {"global": cfg.proj_dim, "hyper": cfg.proj_dim})
-        self.momentum = cfg.momentum
+
+    def momentum_pairs(self):
+        return [(self.key_backbone, self.backbone), (self.key_head, self.head), (self.key_distiller, self.distiller)]
 
     def _hyper_size(self, feats: dict) -> tuple[int, int]:
         if self.cfg.hyper_size is not None:
@@ -178,12 +163,10 @@ class CGH(MomentumMixin, Method):
                              f"the recipe gives {len(views)}")
         weak, strong = views
         h, q, q_h = self.embed(self.backbone, self.head, self.distiller, strong)
-        self._momentum_update([(self.key_backbone, self.backbone), (self.key_head, self.head),
-                               (self.key_distiller, self.distiller)])
-        k, k_h = self._key_forward(self._teacher, weak)
+        k, k_h = self.key_forward(self._teacher, weak)
         w_cl, w_hyper, w_csist = cgh_weights(self.current_step, self.steps_per_epoch, self.cfg.warmup_loss_epochs)
         queue_g, queue_h = self.queue["global"].clone(), self.queue["hyper"].clone()  # enqueue writes in place
-        with _no_autocast(q.device):
+        with no_autocast(q.device):
             terms = cgh_losses(q.float(), q_h.float(), k.float(), k_h.float(), queue_g, queue_h, self.cfg, w_cl)
             loss = w_hyper * terms["cl_hyper"] + w_csist * terms["csist"]
             if "cl" in terms:

@@ -4,8 +4,8 @@ Re-implemented from the paper and the design described in the specs (the officia
 GPL-3.0 and was not copied):
 - query encoder: backbone, then two heads on C5: the global MoCo v2 head (GAP -> Linear ->
   ReLU -> Linear, 128-d) and the dense head (1x1 conv -> ReLU -> 1x1 conv, 128-d at every C5
-  position); the key encoder is an EMA copy of all three (m = 0.999, updated inside forward
-  before the key pass, as MoCo), run with shuffle-BN (see densessl.methods.moco);
+  position); the key encoder is an EMA copy of all three (m = 0.999, updated before the key
+  pass, as MoCo: see densessl.methods.momentum), run with shuffle-BN (see densessl.methods.moco);
 - correspondence: every query position is matched to the key position whose *backbone* C5
   feature has the highest cosine similarity (argmax over the key view's positions);
 - dense loss: InfoNCE at every query position with the matched key vector as positive and the
@@ -30,12 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densessl.engine.ema import make_target
 from densessl.methods import register
-from densessl.methods.base import Method
-from densessl.methods.moco import MomentumMixin, _no_autocast, info_nce_loss, momentum_at
-from densessl.methods.queue import KeyQueue
-from densessl.methods.swav import embedding_std
+from densessl.methods.losses import dense_info_nce, embedding_std, info_nce_loss
+from densessl.methods.momentum import KeyQueue, MomentumContrast, make_target, no_autocast
 from densessl.models.heads import mlp
 
 
@@ -52,7 +49,7 @@ class DenseCLConfig:
     loss_lambda: float = 0.5  # weight of the dense loss
     warmup_iters: int = 0  # steps with loss_lambda = 0 (dense loss off)
     shuffle_bn: bool = True
-    bn_splits: int = 8  # one process: BN groups per batch (see moco.py); 1 = off
+    bn_splits: int = 8  # one process: BN groups per batch (see momentum.SplitBatchNorm2d); 1 = off
 
 
 # ---------------------------------------------------------------- loss math
@@ -72,14 +69,6 @@ def gather_positions(k_grid: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(k_grid, 2, index.unsqueeze(1).expand(-1, k_grid.shape[1], -1))
 
 
-def dense_info_nce(q_grid: torch.Tensor, k_matched: torch.Tensor, queue: torch.Tensor,
-                   temperature: float) -> torch.Tensor:
-    """InfoNCE over all N * S query positions; q_grid, k_matched (N, D, S) normalised, queue (D, K)."""
-    q = q_grid.permute(0, 2, 1).reshape(-1, q_grid.shape[1])
-    k = k_matched.permute(0, 2, 1).reshape(-1, k_matched.shape[1])
-    return info_nce_loss(q, k, queue, temperature)
-
-
 def densecl_loss(global_loss: torch.Tensor, dense_loss: torch.Tensor, lam: float) -> torch.Tensor:
     return (1.0 - lam) * global_loss + lam * dense_loss
 
@@ -97,13 +86,11 @@ class DenseHead(nn.Module):
 
 
 @register("densecl", DenseCLConfig)
-class DenseCL(MomentumMixin, Method):
+class DenseCL(MomentumContrast):
     def __init__(self, cfg: DenseCLConfig, backbone):
-        super().__init__(cfg, backbone)
-        momentum_at(0, 1, cfg.momentum, cfg.momentum_schedule)
         if not 0.0 <= cfg.loss_lambda <= 1.0:
             raise ValueError(f"method.loss_lambda={cfg.loss_lambda} must lie in [0, 1]")
-        self._setup_bn(backbone)
+        super().__init__(cfg, backbone)
         hidden = cfg.proj_hidden_dim or backbone.out_dim
         self.head = mlp(backbone.out_dim, hidden, cfg.proj_dim, batch_norm=False)
         for m in self.head.modules():  # the official neck's init of its Linear layers (convs keep torch's)
@@ -114,7 +101,10 @@ class DenseCL(MomentumMixin, Method):
         self.key_head = make_target(self.head)
         self.key_dense_head = make_target(self.dense_head)
         self.queue = KeyQueue(cfg.queue_size, {"global": cfg.proj_dim, "dense": cfg.proj_dim})
-        self.momentum = cfg.momentum
+
+    def momentum_pairs(self):
+        return [(self.key_backbone, self.backbone), (self.key_head, self.head),
+                (self.key_dense_head, self.dense_head)]
 
     def _key(self, x):
         c5 = self.key_backbone(x, stages=("c5",))["c5"]
@@ -132,12 +122,10 @@ class DenseCL(MomentumMixin, Method):
         h = c5.mean(dim=(2, 3))
         q = F.normalize(self.head(h), dim=1)
         q_grid = F.normalize(self.dense_head(c5).flatten(2), dim=1)
-        self._momentum_update([(self.key_backbone, self.backbone), (self.key_head, self.head),
-                               (self.key_dense_head, self.dense_head)])
-        k_c5, k, k_grid, k_pooled = self._key_forward(self._key, views[1])
+        k_c5, k, k_grid, k_pooled = self.key_forward(self._key, views[1])
         queue_g, queue_d = self.queue["global"].clone(), self.queue["dense"].clone()  # enqueue writes in place
         lam = self.lam()
-        with _no_autocast(q.device):
+        with no_autocast(q.device):
             index = match_by_similarity(c5.flatten(2), k_c5)
             loss_g = info_nce_loss(q.float(), k.float(), queue_g, self.cfg.temperature)
             loss_d = dense_info_nce(q_grid.float(), gather_positions(k_grid.float(), index), queue_d,

@@ -7,8 +7,8 @@ each view-1 C5 cell centre, in source-frame coordinates, is moved by the chained
 t -> t+k and compared with view 2's cell centres; distance / max of the two views' cell
 diagonals < `pos_threshold` (strict), and only where the forward-backward check of the flow
 holds at that cell (`flow_mask`). The reverse term moves view 2's centres by the chained
-backward flow t+k -> t, with its own check. Networks, PPM, EMA (inside forward, before the
-target pass, once per step) and the loss are PixPro's (densessl.methods.pixpro):
+backward flow t+k -> t, with its own check. Networks, PPM, EMA (before the target pass, once
+per step) and the loss are PixPro's (densessl.methods.pixpro_core):
     L = L_12(mask12) + L_21(mask21),  mask21 from the backward flow (not mask12 transposed).
 
 Units (`distance_units`): "normalised" (default, PixPro's: x and y divided by the frame's
@@ -20,7 +20,7 @@ a2 / sqrt(H^2 + W^2)).
 
 The batch carries "flow" and "flow_back" (B, 2, h, w) and "source_size" (B, 2); without them
 (an image dataset) the method is plain PixPro (zero flow, every cell valid).
-The `video:` section configures the frame-pair data (see VideoConfig); `make_view_dataset`
+The `video:` section configures the frame-pair data (see VideoConfig); `view_dataset`
 builds it for the trainer (densessl pretrain pixpro-video-scenes).
 
 Distributed: nothing is gathered across ranks (as PixPro).
@@ -34,7 +34,7 @@ import torch
 
 from densessl.data.geometry import DISTANCE_UNITS, flow_positive_mask
 from densessl.methods import register
-from densessl.methods.pixpro import PixPro, PixProConfig
+from densessl.methods.pixpro_core import PixProConfig, PixProCore
 
 
 @dataclass
@@ -120,7 +120,7 @@ def video_positive_masks(batch: dict, grid1, grid2, threshold: float = 0.7, unit
 
 
 @register("pixpro_video", PixProVideoConfig)
-class PixProVideo(PixPro):
+class PixProVideo(PixProCore):
     """PixPro with flow-warped positives; the networks and losses are PixPro's."""
 
     def positive_masks(self, batch, grid1, grid2):
@@ -134,12 +134,8 @@ class PixProVideo(PixPro):
 
     # ------------------------------------------------------------------ data hooks
 
-    def make_view_dataset(self, dataset, cfg):
-        """(view dataset keyed by (epoch, index), collate) for the trainer's loader.
-
-        `dataset` is the video source the trainer built (densessl.data.video); the proposed
-        trainer hook calls this in place of ViewDataset/collate_views when a method has it.
-        """
+    def view_dataset(self, dataset, cfg):
+        """Frame pairs of the video source the trainer built (densessl.data.video), and their collate."""
         from densessl.data.video import build_frame_pairs, collate_frame_pairs
 
         return build_frame_pairs(dataset, cfg.views, cfg.train.seed, self.cfg.video), collate_frame_pairs

@@ -28,17 +28,15 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
 from densessl.data.geometry import scrl_boxes
-from densessl.engine.distributed import AllReduceBatchNorm
-from densessl.engine.ema import ema_update_, make_target
-from densessl.engine.schedules import cosine_momentum
+from densessl.common.distributed import AllReduceBatchNorm
 from densessl.methods import register
-from densessl.methods.base import Method, forward_by_resolution
-from densessl.methods.byol import byol_loss
+from densessl.methods.base import forward_by_resolution
+from densessl.methods.losses import byol_loss, embedding_std
+from densessl.methods.momentum import MomentumMethod, MomentumSchedule, make_target
 from densessl.models.heads import mlp
 
 
@@ -121,9 +119,11 @@ def reinit_(module: nn.Module) -> None:
 
 
 @register("scrl", SCRLConfig)
-class SCRL(Method):
+class SCRL(MomentumMethod):
     def __init__(self, cfg: SCRLConfig, backbone):
-        super().__init__(cfg, backbone)
+        # the official placement: after step t, with m(t)
+        super().__init__(cfg, backbone, MomentumSchedule(cfg.momentum_base, cfg.momentum_end),
+                         update_for_next_step=False)
         self.projector = mlp(backbone.out_dim, cfg.proj_hidden_dim, cfg.proj_dim, last_bias=False)
         self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, last_bias=False)
         self.target_backbone = make_target(backbone)
@@ -131,7 +131,9 @@ class SCRL(Method):
         if cfg.faithful:
             reinit_(self.target_backbone)
             reinit_(self.target_projector)
-        self.momentum = cfg.momentum_base
+
+    def momentum_pairs(self):
+        return [(self.target_backbone, self.backbone), (self.target_projector, self.projector)]
 
     def _seed(self) -> int:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -193,7 +195,7 @@ class SCRL(Method):
         if n > 0:
             loss = scrl_loss(p, z)
             # collapse statistic: per-dimension std of normalised target projections (~1/sqrt(d) healthy)
-            out["z_std"] = F.normalize(z.float(), dim=-1).std(dim=0).mean()
+            out["z_std"] = embedding_std(z)
         else:
             # no box in this batch: a zero that keeps every trainable parameter in the graph
             loss = sum(q.sum() for q in self.parameters() if q.requires_grad) * 0.0
@@ -204,9 +206,3 @@ class SCRL(Method):
         out["loss"] = loss
         out["scrl"] = loss.detach()
         return out
-
-    @torch.no_grad()
-    def after_step(self, step, total_steps):
-        self.momentum = cosine_momentum(step, total_steps, self.cfg.momentum_base, self.cfg.momentum_end)
-        ema_update_(self.target_backbone, self.backbone, self.momentum)
-        ema_update_(self.target_projector, self.projector, self.momentum)

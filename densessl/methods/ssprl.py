@@ -41,12 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densessl.engine.distributed import world_size
+from densessl.common.distributed import world_size
 from densessl.methods import register
 from densessl.methods.base import forward_by_resolution
-from densessl.methods.swav import (EmbeddingQueue, PrototypeMethod, cross_entropy_to_codes, device_scalar,
-                                   embedding_std, prototypes, queue_scores, sinkhorn_codes,
-                                   swapped_prediction_loss, usage_entropy)
+from densessl.methods.losses import (cross_entropy_to_codes, embedding_std, sinkhorn_codes, swapped_prediction_loss,
+                                    usage_entropy)
+from densessl.methods.prototypes import EmbeddingQueue, PrototypeMethod, device_scalar, prototypes, queue_scores
 from densessl.models.heads import mlp
 
 

@@ -4,32 +4,18 @@ import pytest
 import torch
 
 from densessl.data.coco import COCODataset, coco_paths, load_coco_json
-from densessl.data.export import export_coco
 from densessl.data.fashion_mnist import CLASSES
-from densessl.data.scenes import FashionScenes
 from densessl.data.voc import AnnotationError
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-NUM = 8
 
 
-@pytest.fixture(scope="module")
-def scenes():
-    return FashionScenes("val", num_scenes=NUM, seed=5)
-
-
-@pytest.fixture(scope="module")
-def coco_root(scenes, tmp_path_factory):
-    root = tmp_path_factory.mktemp("coco")
-    export_coco(scenes, root, split_name="val", image_ext="png")
-    return root
-
-
-def test_export_reads_back_identically(scenes, coco_root):
+def test_export_reads_back_identically(coco_export):  # tests/conftest.py
+    scenes, coco_root = coco_export
     ann, images = coco_paths(coco_root, "val")
     ds = COCODataset(ann, images, with_masks=True)
-    assert ds.classes == CLASSES and ds.cat_ids == list(range(1, 11)) and len(ds) == NUM
-    for i in range(NUM):
+    assert ds.classes == CLASSES and ds.cat_ids == list(range(1, 11)) and len(ds) == len(scenes) == 8
+    for i in range(len(scenes)):
         s, c = scenes[i], ds[i]
         assert torch.equal(c["image"], s["image"])
         assert torch.equal(c["boxes"], s["boxes"])

@@ -3,32 +3,19 @@ import pytest
 import torch
 from PIL import Image
 
-from densessl.data.export import export_voc, voc_colormap
+from densessl.data.export import voc_colormap
 from densessl.data.fashion_mnist import CLASSES
-from densessl.data.scenes import FashionScenes
 from densessl.data.voc import (VOC_CLASSES, AnnotationError, VOCDetection, VOCSegmentation, multilabel_targets,
                                parse_voc_xml, read_segmentation_png, resolve_classes)
 
-NUM = 8
 
 
-@pytest.fixture(scope="module")
-def scenes():
-    return FashionScenes("val", num_scenes=NUM, seed=3)
-
-
-@pytest.fixture(scope="module")
-def voc_root(scenes, tmp_path_factory):
-    root = tmp_path_factory.mktemp("voc")
-    export_voc(scenes, root, split_name="val", image_ext="png")
-    return root
-
-
-def test_export_reads_back_identically(scenes, voc_root):
+def test_export_reads_back_identically(voc_export):  # tests/conftest.py
+    scenes, voc_root = voc_export
     det = VOCDetection(voc_root, "val")
     seg = VOCSegmentation(voc_root, "val")
-    assert det.classes == CLASSES and len(det) == NUM and len(seg) == NUM and seg.num_classes == 11
-    for i in range(NUM):
+    assert det.classes == CLASSES and len(det) == len(seg) == len(scenes) == 8 and seg.num_classes == 11
+    for i in range(len(scenes)):
         s, d, g = scenes[i], det[i], seg[i]
         assert torch.equal(d["image"], s["image"]) and torch.equal(g["image"], s["image"])
         assert torch.equal(d["boxes"], s["boxes"])
@@ -89,7 +76,8 @@ def test_malformed_xml_names_file_and_field(tmp_path, obj, message):
     assert str(p) in str(e.value)
 
 
-def test_broken_xml_and_missing_files(tmp_path, voc_root):
+def test_broken_xml_and_missing_files(tmp_path, voc_export):
+    voc_root = voc_export[1]
     p = tmp_path / "broken.xml"
     p.write_text("<annotation><object>")
     with pytest.raises(AnnotationError, match="not valid XML"):

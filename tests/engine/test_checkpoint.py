@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from densessl.engine.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_atomic
+from densessl.common.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_atomic
 
 
 def test_atomic_save_round_trip_leaves_no_temporary(tmp_path):

@@ -15,9 +15,10 @@ import torch
 
 from conftest import TINY, cli_command, subprocess_env
 from densessl import cli
-from densessl.engine import checkpoint as ckpt_io
-from densessl.engine.checkpoint import CheckpointError, load_checkpoint
-from densessl.engine.trainer import read_losses
+from densessl.common import checkpoint as ckpt_io
+from densessl.common.checkpoint import CheckpointError, load_checkpoint
+from densessl.common.metrics_jsonl import read_losses
+from wrapped_file import WrappedFile
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's ranks in /proc")
 
@@ -43,34 +44,24 @@ import os, sys, time
 from pathlib import Path
 
 from densessl import cli
-from densessl.engine import checkpoint as ckpt_io
+from densessl.common import checkpoint as ckpt_io
+
+sys.path.insert(0, os.environ["WRAPPED_FILE_DIR"])
+from wrapped_file import WrappedFile
 
 pause_at, marker = int(os.environ["PAUSE_AT_SAVE"]), Path(os.environ["PAUSE_MARKER"])
 saves = 0
 
 
-class PausingFile:
-    def __init__(self, f):
-        self.f, self.written = f, 0
-
+class PausingFile(WrappedFile):
     def write(self, data):
-        n = self.f.write(data)
-        self.written += n
+        n = super().write(data)
         if self.written >= 64 * 1024:
             self.f.flush()
             os.fsync(self.f.fileno())
             marker.write_text(self.f.name)
             time.sleep(600)
         return n
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
 
 
 def pausing_open(path, mode="r", *args, **kwargs):
@@ -99,7 +90,8 @@ def test_sigkill_inside_a_checkpoint_write_keeps_last_and_the_rerun_resumes_exac
                                     stdout=log, stderr=subprocess.STDOUT)
     # 8 steps, last.pt every 2: the second write (step 4) pauses; the one before is at step 2, mid-epoch
     proc = subprocess.Popen([sys.executable, str(script), "pretrain", "byol-scenes", *TINY, f"run_dir={killed}"],
-                            env={**env, "PAUSE_AT_SAVE": "2", "PAUSE_MARKER": str(marker)},
+                            env={**env, "PAUSE_AT_SAVE": "2", "PAUSE_MARKER": str(marker),
+                                 "WRAPPED_FILE_DIR": str(Path(__file__).parent)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 180
@@ -142,30 +134,16 @@ def test_full_disk_during_a_save_gives_one_error_line_and_keeps_the_last_checkpo
     last = run / "checkpoints" / "last.pt"
     real_open, saves, before = open, [], {}
 
-    class FullDevice:
-        def __init__(self, f):
-            self.f, self.written = f, 0
-
+    class FullDevice(WrappedFile):
         def write(self, data):
             if where == "write" and self.written >= 64 * 1024:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            n = self.f.write(data)
-            self.written += n
-            return n
+            return super().write(data)
 
         def flush(self):
             if where == "flush":
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             self.f.flush()
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
 
     def filling_open(path, mode="r", *args, **kwargs):
         f = real_open(path, mode, *args, **kwargs)

@@ -5,7 +5,7 @@ from torch import nn
 
 from densessl.config import OptimConfig
 from densessl.engine.optim import LARS, build_optimizer, param_groups
-from densessl.engine.schedules import warmup_cosine
+from densessl.common.schedules import warmup_cosine
 from densessl.models.backbones import build_backbone
 
 

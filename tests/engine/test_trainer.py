@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from conftest import TINY, cli_command, subprocess_env
+from densessl.cli import main
+from densessl.common.checkpoint import load_checkpoint
 from densessl.config import ConfigError, build_config
-from densessl.engine.checkpoint import load_checkpoint
 from densessl.engine.trainer import NonFiniteLossError, Trainer
 
 
@@ -30,6 +31,9 @@ def test_short_run_writes_checkpoint_config_metrics_and_plot(tiny_overrides, tmp
     result = Trainer(cfg).fit()
     run = tmp_path / "run"
     assert result["step"] == 8  # 2 epochs x 64 scenes / 16
+    # the trainer draws no plots; `densessl pretrain` does (here it resumes the finished run at once)
+    assert not (run / "loss.png").exists()
+    assert main(["pretrain", "byol-scenes", *tiny_overrides]) == 0
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert ckpt["step"] == 8 and ckpt["config"]["train"]["batch_size"] == 16
     assert (run / "config.yaml").exists() and (run / "loss.png").stat().st_size > 1000
@@ -78,7 +82,7 @@ def test_resume_with_a_different_config_is_refused(tiny_overrides):
 def test_a_key_added_after_the_run_began_resumes_at_its_default(tiny_overrides, tmp_path):
     """A checkpoint written before data.min_side existed ran with its default: it resumes; a
     value other than the default is a changed config and is refused."""
-    from densessl.engine.checkpoint import save_atomic
+    from densessl.common.checkpoint import save_atomic
 
     Trainer(build_config("byol-scenes", tiny_overrides)).fit()
     last = tmp_path / "run" / "checkpoints" / "last.pt"

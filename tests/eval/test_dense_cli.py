@@ -49,11 +49,11 @@ def test_eval_dense_random_writes_one_json_with_every_probe_and_its_settings(tmp
 
 def test_a_checkpoint_of_the_random_init_backbone_gives_identical_metrics(tmp_path):
     """`random` is not a special case: the same weights saved as a checkpoint score the same."""
-    from densessl.engine.checkpoint import FORMAT, save_atomic
-    from densessl.eval.protocols import load_eval_backbone
+    from densessl.common.checkpoint import FORMAT, save_atomic
+    from densessl.eval.backbone import load_backbone
 
     cfg = dense_config(TINY + ["random_init_seed=3", "probes=[retrieval,linear_seg,overcluster,region]"])
-    backbone, _ = load_eval_backbone("random", cfg)
+    backbone, _ = load_backbone("random", cfg)
     train_cfg = Config()
     train_cfg.model.width = 8
     path = tmp_path / "run" / "checkpoints" / "last.pt"

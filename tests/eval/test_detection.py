@@ -13,15 +13,6 @@ TINY = ["model.width=8", "data.num_train=8", "data.num_val=8", "data.size=32", "
         "warmup_iters=2", "steps=[2]", "eval_batch_size=8"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from threads, and on a shared 2-core machine they lose a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gt(boxes, ignore=None):
     ignore = ignore or [0] * len(boxes)
     return {"images": [{"id": 1, "width": 64, "height": 64}],

@@ -12,14 +12,6 @@ TINY = ["model.backbone=resnet18_small", "model.width=8", "epochs=2", "batch_siz
         "resize_size=36", "feature_batch_size=8"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     from densessl.data.export import export_coco, export_voc

@@ -13,15 +13,6 @@ TINY = ["model.width=8", "data.num_train=8", "data.num_val=8", "data.size=32", "
         "batch_size=4", "log_every=0", "eval_batch_size=8"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from threads, and on a shared 2-core machine they lose a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_miou_against_a_hand_computed_confusion_matrix():
     target = torch.tensor([[0, 0, 1, 1],
                            [2, 2, 255, 1]])
@@ -131,11 +122,12 @@ def test_presets_and_unknown_keys():
 
 
 def test_sample_stream_does_not_depend_on_workers():
-    from densessl.eval.segmentation import _stack, _TrainTransform
+    from densessl.eval.segmentation import SegmentationTask, _stack
     from densessl.eval.transfer import SampleStream, TransferData, build_task_dataset, stream_loader
 
     ds, _ = build_task_dataset(TransferData(num_train=5, size=32), "train", "segmentation")
-    stream = SampleStream(ds, 12, 3, _TrainTransform(24, (0.8, 1.2), True))
+    task = SegmentationTask(segmentation_config(["crop_size=24", "scale_range=[0.8,1.2]", "flip=true"]))
+    stream = SampleStream(ds, 12, 3, task.transform)
     assert sorted(stream.order[:5].tolist()) == list(range(5))  # each pass is a permutation
     a = [b for b in stream_loader(stream, 4, 0, _stack)]
     b = [b for b in stream_loader(stream, 4, 2, _stack)]

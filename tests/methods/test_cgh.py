@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from densessl.config import build_config
 from densessl.engine.trainer import Trainer
-from densessl.methods.cgh import (CGH, CGHConfig, cgh_losses, cgh_weights, hypercolumn, relation,
-                                  relation_ce)
+from densessl.methods.cgh import CGH, CGHConfig, cgh_losses, cgh_weights, hypercolumn
+from densessl.methods.losses import relation, relation_ce
 from densessl.models.backbones import build_backbone
 from fixed_batch import assert_loss_falls
 from test_moco import queue_method_losses, smoke_overrides
@@ -96,7 +96,7 @@ def test_cross_context_terms_pair_the_right_relations():
     assert torch.allclose(out_w["csist"], relation_ce(k @ qg, q @ qg, 0.08, 0.1))
     assert not torch.allclose(out_w["csist"], out["csist"])
     out = cgh_losses(q, q_h, k, k_h, qg, qh, cfg, w_cl=0.5)
-    from densessl.methods.moco import info_nce_loss
+    from densessl.methods.losses import info_nce_loss
 
     assert torch.allclose(out["cl"], info_nce_loss(q, k, qg, 0.2) + info_nce_loss(q_h, k_h, qh, 0.2))
 
@@ -120,7 +120,7 @@ def test_queues_stay_aligned_and_only_the_student_learns():
         out = m(views, {})
         out["loss"].backward()
     with torch.no_grad():
-        k, k_h = m._key_forward(m._teacher, views[0])  # the weak view (view 0) goes to the teacher
+        k, k_h = m.key_forward(m._teacher, views[0])  # the weak view (view 0) goes to the teacher
     p = 8  # the second batch went to columns 8..15 of both queues
     assert int(m.queue.ptr) == 16
     assert torch.allclose(m.queue["global"][:, p:p + 8], k.t(), atol=1e-6)

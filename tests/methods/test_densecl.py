@@ -1,4 +1,3 @@
-import json
 import math
 
 import pytest
@@ -6,20 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from densessl.config import build_config
-from densessl.engine.trainer import Trainer
-from densessl.methods.densecl import (DenseCL, DenseCLConfig, dense_info_nce, densecl_loss, gather_positions,
-                                      match_by_similarity)
-from densessl.methods.moco import info_nce_loss
-from densessl.models.backbones import build_backbone
-from fixed_batch import assert_loss_falls
+from densessl.methods.densecl import DenseCL, DenseCLConfig, densecl_loss, gather_positions, match_by_similarity
+from densessl.methods.losses import dense_info_nce, info_nce_loss
+from fixed_batch import assert_loss_falls, fit_four_logged_steps, tiny_queue_method
 from test_moco import queue_method_losses, smoke_overrides
 
 
 def tiny_densecl(**kw):
-    kw.setdefault("bn_splits", 4)
-    kw.setdefault("queue_size", 64)
-    cfg = DenseCLConfig(proj_hidden_dim=32, proj_dim=16, **kw)
-    return DenseCL(cfg, build_backbone("resnet18_small", 8))
+    return tiny_queue_method(DenseCL, DenseCLConfig, **kw)
 
 
 def test_correspondence_picks_the_most_cosine_similar_key_position():
@@ -81,7 +74,7 @@ def test_queues_hold_the_global_key_and_the_pooled_dense_key_and_keys_get_no_gra
     out = m(views, {})
     out["loss"].backward()
     with torch.no_grad():
-        k_c5, k, k_grid, k_pooled = m._key_forward(m._key, views[1])  # same step: same shuffle
+        k_c5, k, k_grid, k_pooled = m.key_forward(m._key, views[1])  # same step: same shuffle
     assert k_c5.shape == (8, 64, 16) and k_grid.shape == (8, 16, 16)  # a 4x4 C5 grid at 64 px
     assert torch.allclose(m.queue["global"][:, :8], k.t(), atol=1e-6)
     assert torch.allclose(m.queue["dense"][:, :8], k_pooled.t(), atol=1e-6)
@@ -109,12 +102,8 @@ def test_densecl_loss_falls_on_a_fixed_cycle_of_batches():
 
 
 def test_densecl_trains_four_steps_through_the_trainer(tmp_path):
-    cfg = build_config("densecl-scenes", smoke_overrides(tmp_path, "method.warmup_iters=2"))
-    result = Trainer(cfg).fit()
-    assert result["step"] == 4
-    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    recs = [r for r in recs if "loss" in r]
-    assert len(recs) == 4 and all(math.isfinite(r["loss"]) and math.isfinite(r["dense"]) for r in recs)
+    _, recs = fit_four_logged_steps(build_config("densecl-scenes", smoke_overrides(tmp_path, "method.warmup_iters=2")))
+    assert all(math.isfinite(r["dense"]) for r in recs)
     assert [r["lambda"] for r in recs] == [0.0, 0.0, 0.5, 0.5]
 
 

@@ -1,21 +1,18 @@
 import copy
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY
 from densessl.config import build_config
-from densessl.engine.trainer import Trainer
 from densessl.methods.gaelle import (GAELLE, GAELLEConfig, attention_entropy, attention_maps, group_tokens,
                                      head_per_position, shuffled_token_loss)
-from densessl.methods.swav import cross_entropy_to_codes, sinkhorn
+from densessl.methods.losses import cross_entropy_to_codes, sinkhorn
 from densessl.models.backbones import build_backbone
 from densessl.models.heads import mlp
-from fixed_batch import (assert_loss_falls, assert_prototypes_frozen_then_trained, noisy_views, project_optimizer,
-                         smooth_images, train_steps)
+from fixed_batch import (assert_loss_falls, assert_prototypes_frozen_then_trained, fit_four_logged_steps,
+                         lars_losses_on_fixed_multicrop, multicrop_prototype_overrides)
 
 
 def reference_tokens(feats, attn, groups):
@@ -231,9 +228,7 @@ def test_three_prototype_banks_stay_fixed_under_lars_during_the_freeze_and_train
 
 def gaelle_fixed_batch_losses(seed: int = 0, steps: int = 20) -> list[float]:
     """Losses of LARS steps on 2 x 32 + 2 x 16 px views of 8 fixed images."""
-    m = tiny_gaelle(freeze_prototypes_iters=0)
-    views = noisy_views(smooth_images(8, seed=seed), (32, 32, 16, 16), seed=seed + 1)
-    return train_steps(m, [(views, {})], project_optimizer(m, "lars", lr=1.0), steps)
+    return lars_losses_on_fixed_multicrop(tiny_gaelle(freeze_prototypes_iters=0), 8, seed, steps)
 
 
 def test_gaelle_loss_falls_on_a_fixed_batch():
@@ -244,21 +239,12 @@ def test_gaelle_loss_falls_on_a_fixed_batch():
 
 
 def gaelle_overrides(tmp_path):
-    base = [o for o in TINY if not o.startswith(("method.", "views."))]
-    return base + [
-        f"run_dir={tmp_path / 'run'}", "views.0.size=32", "views.1.size=16", "views.1.count=2",
-        "method.proj_hidden_dim=32", "method.proj_dim=16", "method.num_prototypes=32", "method.local_hidden_dim=32",
-        "method.local_dim=16", "method.num_local_prototypes=32", "method.queue_length=16",
-        "method.epoch_queue_starts=1", "method.freeze_prototypes_iters=2",
-        "train.steps_per_epoch=2", "train.epochs=2",
-    ]
+    return multicrop_prototype_overrides(tmp_path, "method.local_hidden_dim=32", "method.local_dim=16",
+                                         "method.num_local_prototypes=32", "method.queue_length=16")
 
 
 def test_gaelle_trains_four_steps_through_the_trainer(tmp_path):
     cfg = build_config("gaelle-scenes", gaelle_overrides(tmp_path))
-    assert Trainer(cfg).fit()["step"] == 4
-    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    recs = [r for r in recs if "loss" in r]
-    assert len(recs) == 4 and all(math.isfinite(r["loss"]) for r in recs)
+    _, recs = fit_four_logged_steps(cfg)
     assert all(k in recs[0] for k in ("glb", "local", "l2g", "attn_entropy"))
     assert [r["queue_used"] for r in recs] == [0.0, 0.0, 0.0, 1.0]

@@ -7,18 +7,16 @@ import torch.nn.functional as F
 from conftest import TINY
 from densessl.config import build_config
 from densessl.engine.trainer import Trainer
-from densessl.methods.moco import (MoCo, MoCoConfig, SplitBatchNorm2d, batch_shuffle, batch_unshuffle,
-                                   convert_split_bn, info_nce_logits, info_nce_loss, momentum_at,
-                                   shuffle_permutation, shuffled_forward)
-from densessl.models.backbones import build_backbone
-from fixed_batch import assert_loss_falls, noisy_views, project_optimizer, smooth_images, train_steps
+from densessl.methods.losses import info_nce_logits, info_nce_loss
+from densessl.methods.moco import MoCo, MoCoConfig
+from densessl.methods.momentum import (SplitBatchNorm2d, batch_shuffle, batch_unshuffle, convert_split_bn, momentum_at,
+                                       shuffle_permutation, shuffled_forward)
+from fixed_batch import (assert_loss_falls, fit_four_logged_steps, noisy_views, project_optimizer, smooth_images,
+                         tiny_queue_method, train_steps)
 
 
 def tiny_moco(**kw):
-    kw.setdefault("bn_splits", 4)
-    kw.setdefault("queue_size", 64)
-    cfg = MoCoConfig(proj_hidden_dim=32, proj_dim=16, **kw)
-    return MoCo(cfg, build_backbone("resnet18_small", 8))
+    return tiny_queue_method(MoCo, MoCoConfig, **kw)
 
 
 def test_logits_shape_is_n_by_one_plus_k_with_the_positive_first():
@@ -97,13 +95,21 @@ def test_momentum_schedules():
 
 
 def test_the_key_update_follows_the_configured_cosine_end():
+    # after step 8 of 10 the key moves with the momentum of step 9 (the key pass it prepares)
     m = tiny_moco(momentum=0.9, momentum_schedule="cosine", momentum_end=0.95)
-    m.current_step, m.total_steps = 10, 10
-    m([torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)], {})
-    assert m.momentum == 0.95
+    with torch.no_grad():
+        m.backbone.conv1.weight.add_(1.0)
+    old = m.key_backbone.conv1.weight.clone()
+    m.after_step(8, 10)
+    m9 = momentum_at(9, 10, 0.9, "cosine", 0.95)
+    assert 0.9 < m9 < 0.95 and m.momentum == momentum_at(8, 10, 0.9, "cosine", 0.95)  # logged: the step just taken
+    assert torch.allclose(m.key_backbone.conv1.weight, m9 * old + (1 - m9) * m.backbone.conv1.weight)
+    before = m.key_backbone.conv1.weight.clone()
+    m.after_step(9, 10)  # the last step: no key pass follows, so no update (as the official code)
+    assert torch.equal(m.key_backbone.conv1.weight, before) and m.momentum == m9
 
 
-def test_key_encoder_gets_no_gradient_and_ema_runs_before_the_key_pass():
+def test_key_encoder_gets_no_gradient_and_ema_runs_after_the_optimiser_step():
     torch.manual_seed(0)
     m = tiny_moco(momentum=0.5)
     views = [torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)]
@@ -112,6 +118,8 @@ def test_key_encoder_gets_no_gradient_and_ema_runs_before_the_key_pass():
         m.backbone.conv1.weight.add_(1.0)
     old = m.key_backbone.conv1.weight.clone()
     out = m(views, {})
+    assert torch.equal(m.key_backbone.conv1.weight, old)  # forward leaves the key encoder alone
+    m.after_step(0, 10)
     assert torch.allclose(m.key_backbone.conv1.weight, 0.5 * old + 0.5 * m.backbone.conv1.weight)
     out["loss"].backward()
     key_params = list(m.key_backbone.parameters()) + list(m.key_head.parameters())
@@ -127,7 +135,7 @@ def test_forward_enqueues_the_keys_it_used():
     views = [torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)]
     m(views, {})
     with torch.no_grad():
-        k = m._key_forward(m._key, views[1])  # same step -> same shuffle, same weights
+        k = m.key_forward(m._key, views[1])  # same step -> same shuffle, same weights
     assert int(m.queue.ptr) == 8
     assert torch.allclose(m.queue["key"][:, :8], k.t(), atol=1e-6)
     assert torch.allclose(k.norm(dim=1), torch.ones(8))
@@ -179,15 +187,7 @@ def smoke_overrides(tmp_path, *extra):
 
 
 def test_moco_trains_four_steps_through_the_trainer(tmp_path):
-    cfg = build_config("moco-scenes", smoke_overrides(tmp_path))
-    trainer = Trainer(cfg)
-    result = trainer.fit()
-    assert result["step"] == 4
-    import json
-
-    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in recs if "loss" in r]
-    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    trainer, _ = fit_four_logged_steps(build_config("mocov2-scenes", smoke_overrides(tmp_path)))
     assert int(trainer.method.queue.ptr) == 0  # 4 steps x 8 keys = one full turn of a 32-key queue
 
 
@@ -195,15 +195,15 @@ def test_moco_trains_four_steps_through_the_trainer(tmp_path):
 def test_resume_from_a_mid_run_checkpoint_restores_queue_and_shuffle_exactly(tmp_path):
     import shutil
 
-    from densessl.engine.checkpoint import load_checkpoint
+    from densessl.common.checkpoint import load_checkpoint
 
     run = tmp_path / "run"
     args = smoke_overrides(tmp_path, "train.keep_every=2", "train.ckpt_every=2")
-    Trainer(build_config("moco-scenes", args)).fit()
+    Trainer(build_config("mocov2-scenes", args)).fit()
     shutil.move(str(run), str(tmp_path / "done"))
     (run / "checkpoints").mkdir(parents=True)
     shutil.copy(tmp_path / "done" / "checkpoints" / "step_0000002.pt", run / "checkpoints" / "last.pt")
-    Trainer(build_config("moco-scenes", args)).fit()  # resumes at step 2 in the same run_dir
+    Trainer(build_config("mocov2-scenes", args)).fit()  # resumes at step 2 in the same run_dir
     a = load_checkpoint(tmp_path / "done" / "checkpoints" / "last.pt")["method"]
     b = load_checkpoint(run / "checkpoints" / "last.pt")["method"]
     assert {"queue.queue_key", "queue.ptr"} <= set(a)

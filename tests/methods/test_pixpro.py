@@ -6,12 +6,13 @@ import torch.nn.functional as F
 
 from conftest import TINY
 from densessl.config import ConfigError, build_config
-from densessl.engine.schedules import cosine_momentum
-from densessl.engine.trainer import Trainer
-from densessl.methods.pixpro import (PixelPropagation, PixPro, PixProConfig, pixcontrast_loss, pixel_consistency,
-                                     pixpro_loss, propagate)
+from densessl.common.schedules import cosine_momentum
+from densessl.methods.losses import pixcontrast_loss, pixel_consistency, pixpro_loss
+from densessl.methods.pixpro import PixPro
+from densessl.methods.pixpro_core import PixelPropagation, PixProConfig, propagate
 from densessl.models.backbones import build_backbone
-from fixed_batch import assert_loss_falls, crop, noisy_views, project_optimizer, smooth_images, train_steps
+from fixed_batch import (assert_loss_falls, crop, fit_four_logged_steps, noisy_views, project_optimizer, smooth_images,
+                         train_steps)
 
 FULL = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
 
@@ -154,41 +155,35 @@ def test_method_forward_backward_and_target_gets_no_gradient():
     assert all(p.grad is None for p in m.target_backbone.parameters())
 
 
-def test_ema_runs_in_forward_once_per_step_with_cosine_momentum():
+def test_ema_runs_after_each_step_with_the_next_steps_cosine_momentum():
+    """The official update of step k (before its target pass, m(k)) runs after step k - 1."""
     m = small(momentum_base=0.5)
-    m.total_steps = 4
     views = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)]
     with torch.no_grad():
         m.backbone.conv1.weight.add_(1.0)
-    for step in range(4):
+    for step in range(3):
         m.current_step = step
-        old = m.target_backbone.conv1.weight.clone()
+        before = m.target_backbone.conv1.weight.clone()
         m(views, batch_of(2))
-        mom = cosine_momentum(step, 4, 0.5)
-        assert m.momentum == mom
-        assert torch.allclose(m.target_backbone.conv1.weight, mom * old + (1 - mom) * m.backbone.conv1.weight)
-        again = m.target_backbone.conv1.weight.clone()
-        m(views, batch_of(2))  # a second forward at the same step does not move the target again
-        assert torch.equal(m.target_backbone.conv1.weight, again)
-    assert cosine_momentum(4, 4, 0.5) == 1.0
-    m.eval()
-    m.current_step = 5
+        m(views, batch_of(2))  # forwards never move the target
+        assert torch.equal(m.target_backbone.conv1.weight, before)
+        m.after_step(step, 4)
+        mom = cosine_momentum(step + 1, 4, 0.5)
+        assert m.momentum == cosine_momentum(step, 4, 0.5)  # logged: the step just taken
+        assert torch.allclose(m.target_backbone.conv1.weight, mom * before + (1 - mom) * m.backbone.conv1.weight)
     before = m.target_backbone.conv1.weight.clone()
-    m(views, batch_of(2))
-    assert torch.equal(m.target_backbone.conv1.weight, before)  # no EMA outside training
+    m.after_step(3, 4)  # the last step: no target pass follows
+    assert torch.equal(m.target_backbone.conv1.weight, before)
 
 
 def test_momentum_end_is_wired():
-    """momentum_end=0.5 with base 0.5: every step, the last included, moves the target half-way
-    (the default end, 1, would freeze it at the last step)."""
+    """momentum_end=0.5 with base 0.5: the update for the last step still moves the target
+    half-way (the default end, 1, would freeze it there)."""
     m = small(momentum_base=0.5, momentum_end=0.5)
-    m.total_steps = 4
-    views = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)]
     with torch.no_grad():
         m.backbone.conv1.weight.add_(1.0)
-    m.current_step = 4
     old = m.target_backbone.conv1.weight.clone()
-    m(views, batch_of(2))
+    m.after_step(3, 5)  # prepares step 4, the last of 5
     assert m.momentum == 0.5
     assert torch.allclose(m.target_backbone.conv1.weight, 0.5 * old + 0.5 * m.backbone.conv1.weight)
 
@@ -235,14 +230,7 @@ def test_loss_falls_on_a_fixed_batch(mode, drop):
 @pytest.mark.parametrize("recipe", ["pixpro-scenes", "pixcontrast-scenes"])
 def test_trains_four_steps_through_the_trainer(recipe, tmp_path):
     cfg = build_config(recipe, TINY + ["train.epochs=1", f"run_dir={tmp_path / 'run'}"])
-    trainer = Trainer(cfg)
-    result = trainer.fit()
-    assert result["step"] == 4
-    import json
-
-    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in recs if "loss" in r]
-    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    trainer, _ = fit_four_logged_steps(cfg)
     assert trainer.method.momentum > cfg.method.momentum_base  # the EMA schedule advanced
 
 

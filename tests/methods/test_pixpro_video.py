@@ -1,5 +1,4 @@
 """PixPro with optical-flow positives: masks, the method, and a short training run."""
-import json
 import math
 
 import pytest
@@ -8,11 +7,13 @@ import torch
 from conftest import TINY
 from densessl.config import ConfigError, build_config
 from densessl.data.geometry import pixpro_positive_mask
-from densessl.methods.pixpro import PixPro, PixProConfig
+from densessl.methods.pixpro import PixPro
+from densessl.methods.pixpro_core import PixProConfig
 from densessl.engine.trainer import Trainer
 from densessl.methods.pixpro_video import (PixProVideo, PixProVideoConfig, VideoConfig, video_positive_masks)
 from densessl.models.backbones import build_backbone
-from fixed_batch import assert_loss_falls, crop, noisy_views, project_optimizer, smooth_images, train_steps
+from fixed_batch import (assert_loss_falls, crop, fit_four_logged_steps, noisy_views, project_optimizer, smooth_images,
+                         train_steps)
 
 FULL = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
 
@@ -162,14 +163,9 @@ def test_loss_falls_on_a_fixed_batch():
 def test_trains_four_steps_through_the_trainer(extra, tmp_path):
     cfg = build_config("pixpro-video-scenes", TINY + ["train.epochs=1", "method.video.length=6",
                                                       f"run_dir={tmp_path / 'run'}"] + extra)
-    trainer = Trainer(cfg)
-    result = trainer.fit()
-    assert result["step"] == 4
-    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in recs if "loss" in r]
-    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    trainer, recs = fit_four_logged_steps(cfg)
     assert trainer.method.momentum > cfg.method.momentum_base
-    flows = [r["flow_magnitude"] for r in recs if "loss" in r]
+    flows = [r["flow_magnitude"] for r in recs]
     assert (min(flows) > 0) == (cfg.method.video.nframes > 1)
 
 

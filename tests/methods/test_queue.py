@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from densessl.methods.queue import KeyQueue
+from densessl.methods.momentum import KeyQueue
 
 
 def test_queue_starts_normalised_and_enqueued_columns_equal_the_keys():
@@ -72,8 +72,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from densessl.methods.moco import check_per_rank_bn, shuffled_forward
-        from densessl.engine.distributed import AllReduceBatchNorm
+        from densessl.methods.momentum import check_per_rank_bn, shuffled_forward
+        from densessl.common.distributed import AllReduceBatchNorm
 
         g = torch.Generator().manual_seed(0)
         keys = [torch.randn(8, 3, generator=g) for _ in range(3)]  # three global batches of 8
@@ -115,3 +115,32 @@ def test_two_gloo_processes_enqueue_the_same_queue_as_one_process(tmp_path):
     # the key pass saw a shuffled global batch: every sample once, not all on their own rank
     seen = torch.cat([r0["seen"], r1["seen"]]).flatten()
     assert sorted(seen.tolist()) == list(range(8)) and seen.tolist() != list(range(8))
+
+
+def test_targets_updated_for_the_next_step_start_as_exact_copies():
+    """MoCo's placement skips the official update at step 0; that is exact only if every target
+    then equals its online network bit for bit (lerp between equal tensors returns them)."""
+    from densessl.common.ema import ema_update_
+    from densessl.methods.cgh import CGH, CGHConfig
+    from densessl.methods.densecl import DenseCL, DenseCLConfig
+    from densessl.methods.moco import MoCo, MoCoConfig
+    from densessl.methods.pixpro import PixPro
+    from densessl.methods.pixpro_core import PixProConfig
+    from densessl.models.backbones import build_backbone
+
+    small = dict(proj_hidden_dim=32, proj_dim=16)
+    methods = [MoCo(MoCoConfig(queue_size=64, **small), build_backbone("resnet18_small", 8)),
+               DenseCL(DenseCLConfig(queue_size=64, **small), build_backbone("resnet18_small", 8)),
+               CGH(CGHConfig(queue_size=64, **small), build_backbone("resnet18_small", 8)),
+               PixPro(PixProConfig(pred_hidden_dim=32, ins_loss_weight=1.0, **small), build_backbone("resnet18_small", 8))]
+    for m in methods:
+        assert m.update_for_next_step
+        pairs = m.momentum_pairs()
+        assert len(pairs) >= 2
+        for target, online in pairs:
+            tp, op = list(target.parameters()), list(online.parameters())
+            assert len(tp) == len(op) > 0 and all(torch.equal(t, o) for t, o in zip(tp, op))
+            # the update the official code makes before step 0 leaves such a target unchanged, bitwise
+            before = [t.clone() for t in tp]
+            ema_update_(target, online, m.momentum_schedule.at(0, 10))
+            assert all(torch.equal(t, b) for t, b in zip(tp, before))

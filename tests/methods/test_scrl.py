@@ -1,4 +1,3 @@
-import json
 import math
 
 import pytest
@@ -7,11 +6,11 @@ from torch import nn
 
 from conftest import assert_momentum_end_moves_target_halfway, TINY
 from densessl.config import ConfigError, build_config
-from densessl.engine.trainer import Trainer
-from densessl.methods.byol import regression_loss
+from densessl.methods.losses import regression_loss
 from densessl.methods.scrl import SCRL, SCRLConfig, roi_features, scrl_loss
 from densessl.models.backbones import build_backbone
-from fixed_batch import assert_loss_falls, crop, noisy_views, project_optimizer, smooth_images, train_steps
+from fixed_batch import (assert_loss_falls, assert_target_starts_as_online_and_after_step_moves_it_halfway, crop,
+                         fit_four_logged_steps, noisy_views, project_optimizer, smooth_images, train_steps)
 
 
 # ----------------------------------------------------------------------------- RoIAlign
@@ -141,13 +140,7 @@ def test_boxes_depend_on_the_step_and_seed_only():
 
 
 def test_ema_after_step_and_faithful_target_init():
-    m = small(momentum_base=0.5)
-    assert torch.equal(m.target_backbone.conv1.weight, m.backbone.conv1.weight)
-    with torch.no_grad():
-        m.backbone.conv1.weight.add_(1.0)
-    old = m.target_backbone.conv1.weight.clone()
-    m.after_step(0, 10)
-    assert torch.allclose(m.target_backbone.conv1.weight, 0.5 * old + 0.5 * m.backbone.conv1.weight)
+    assert_target_starts_as_online_and_after_step_moves_it_halfway(small(momentum_base=0.5))
     f = small(faithful=True)
     assert not torch.equal(f.target_backbone.conv1.weight, f.backbone.conv1.weight)
     assert not torch.equal(f.target_projector[0].weight, f.projector[0].weight)
@@ -177,11 +170,7 @@ def test_loss_falls_on_a_fixed_batch():
 def test_trains_four_steps_through_the_trainer(tmp_path):
     # TINY views are 32 px: C5 is 2x2, and boxes of at least 8 px (half a cell)
     cfg = build_config("scrl-scenes", TINY + ["train.epochs=1", "method.min_size=8", f"run_dir={tmp_path / 'run'}"])
-    trainer = Trainer(cfg)
-    assert trainer.fit()["step"] == 4
-    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    recs = [r for r in recs if "loss" in r]
-    assert len(recs) == 4 and all(math.isfinite(r["loss"]) for r in recs)
+    _, recs = fit_four_logged_steps(cfg)
     assert all(r["boxes_per_image"] > 5 for r in recs)
 
 
@@ -190,7 +179,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch import nn
-from densessl.engine.distributed import convert_sync_batchnorm, init_distributed, shutdown_distributed
+from densessl.common.distributed import convert_sync_batchnorm, init_distributed, shutdown_distributed
 from densessl.methods.scrl import SCRL, SCRLConfig
 from densessl.models.backbones import build_backbone
 

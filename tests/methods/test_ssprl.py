@@ -1,20 +1,17 @@
 import dataclasses
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY
 from densessl.config import build_config
 from densessl.data.views import expand_slots
-from densessl.engine.trainer import Trainer
 from densessl.methods.ssprl import SSPRL, SSPRLConfig, l2g_loss, pool_patch_scores
-from densessl.methods.swav import cross_entropy_to_codes, sinkhorn
+from densessl.methods.losses import cross_entropy_to_codes, sinkhorn
 from densessl.models.backbones import build_backbone
-from fixed_batch import (assert_loss_falls, assert_prototypes_frozen_then_trained, crop, noisy_views, project_optimizer,
-                         smooth_images, train_steps)
+from fixed_batch import (assert_loss_falls, assert_prototypes_frozen_then_trained, crop, fit_four_logged_steps,
+                         multicrop_prototype_overrides, noisy_views, project_optimizer, smooth_images, train_steps)
 
 
 def test_per_image_pooling_uses_only_that_images_patches():
@@ -276,26 +273,18 @@ def expand_grid_groups(monkeypatch):
 
 
 def ssprl_overrides(tmp_path):
-    base = [o for o in TINY if not o.startswith(("method.", "views."))]
-    return base + [
-        f"run_dir={tmp_path / 'run'}", "views.0.size=32", "views.1.size=16", "views.1.count=2",
-        "views.2.size=12", "views.2.region_size=32", "views.3.size=8", "views.3.region_size=30",
-        "method.proj_hidden_dim=32", "method.proj_dim=16", "method.num_prototypes=32",
+    return multicrop_prototype_overrides(
+        tmp_path, "views.2.size=12", "views.2.region_size=32", "views.3.size=8", "views.3.region_size=30",
         "method.local_prototypes=[16,16]", "method.queue_length=8", "method.local_queue_lengths=[32,72]",
-        "method.epoch_queue_starts=1", "method.freeze_prototypes_iters=2",
-        "train.steps_per_epoch=2", "train.epochs=2", "train.batch_size=8",
+        "train.batch_size=8",
         "views.2.hue=0.0", "views.3.hue=0.0",  # (the hue op is the costly one on CPU)
-    ]
+    )
 
 
 def test_ssprl_trains_four_steps_through_the_trainer(tmp_path, expand_grid_groups):
     cfg = build_config("ssprl-scenes", ssprl_overrides(tmp_path))
     assert len(expand_slots(cfg.views)) == 4 + 8 + 18
-    trainer = Trainer(cfg)
-    assert trainer.fit()["step"] == 4
-    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    recs = [r for r in recs if "loss" in r]
-    assert len(recs) == 4 and all(math.isfinite(r["loss"]) for r in recs)
+    trainer, recs = fit_four_logged_steps(cfg)
     assert all(k in recs[0] for k in ("glb", "loc_l1", "l2g_l2", "usage_entropy_l2"))
     assert [r["queue_used_l1"] for r in recs] == [0.0, 0.0, 0.0, 1.0]
     assert trainer.method.local_queues["1"].rows_pushed == [2 * 9 * 8] * 2

@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY
 from densessl.config import build_config
-from densessl.engine.trainer import Trainer
-from densessl.methods.swav import (EmbeddingQueue, SwAV, SwAVConfig, cross_entropy_to_codes, sinkhorn,
-                                   sinkhorn_codes, swapped_prediction_loss, usage_entropy)
+from densessl.methods.losses import (cross_entropy_to_codes, sinkhorn, sinkhorn_codes, swapped_prediction_loss,
+                                    usage_entropy)
+from densessl.methods.prototypes import EmbeddingQueue
+from densessl.methods.swav import SwAV, SwAVConfig
 from densessl.models.backbones import build_backbone
-from fixed_batch import (assert_loss_falls, assert_prototypes_frozen_then_trained, noisy_views, project_optimizer,
-                         smooth_images, train_steps)
+from fixed_batch import (assert_loss_falls, assert_prototypes_frozen_then_trained, fit_four_logged_steps,
+                         lars_losses_on_fixed_multicrop, multicrop_prototype_overrides)
 
 
 def cosines(B, K, d=8, seed=0):
@@ -232,9 +232,7 @@ def test_prototypes_stay_fixed_under_lars_during_the_freeze_and_train_after_it()
 
 def swav_fixed_batch_losses(seed: int = 0, steps: int = 20) -> list[float]:
     """Losses of 20 LARS steps on 2 x 32 + 2 x 16 px views of 16 fixed images."""
-    m = tiny_swav(freeze_prototypes_iters=0)
-    views = noisy_views(smooth_images(16, seed=seed), (32, 32, 16, 16), seed=seed + 1)
-    return train_steps(m, [(views, {})], project_optimizer(m, "lars", lr=1.0), steps)
+    return lars_losses_on_fixed_multicrop(tiny_swav(freeze_prototypes_iters=0), 16, seed, steps)
 
 
 def test_swav_loss_falls_on_a_fixed_batch():
@@ -302,26 +300,13 @@ def test_too_few_views_is_a_clear_error():
 
 
 def swav_overrides(tmp_path):
-    base = [o for o in TINY if not o.startswith(("method.", "views."))]
-    return base + [
-        f"run_dir={tmp_path / 'run'}", "views.0.size=32", "views.1.size=16", "views.1.count=2",
-        "method.proj_hidden_dim=32", "method.proj_dim=16", "method.num_prototypes=32",
-        "method.queue_length=16", "method.epoch_queue_starts=1", "method.freeze_prototypes_iters=2",
-        "train.steps_per_epoch=2", "train.epochs=2",
-    ]
+    return multicrop_prototype_overrides(tmp_path, "method.queue_length=16")
 
 
 def test_swav_trains_four_steps_through_the_trainer(tmp_path):
     cfg = build_config("swav-scenes", swav_overrides(tmp_path))
-    trainer = Trainer(cfg)
-    result = trainer.fit()
-    assert result["step"] == 4
+    trainer, recs = fit_four_logged_steps(cfg)
     assert trainer.method.queue.rows_pushed == [32, 32]  # epoch 1 = steps 2 and 3
-    import json
-
-    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    recs = [r for r in recs if "loss" in r]
-    assert len(recs) == 4 and all(math.isfinite(r["loss"]) for r in recs)
     assert [r["queue_used"] for r in recs] == [0.0, 0.0, 0.0, 1.0]
 
 

@@ -8,8 +8,8 @@ fine-tuning (docs/dense-eval.md).
 - ``region``: RoIAlign features at the ground-truth boxes, linear and kNN classifiers, by size.
 
 All read the stage maps of one extraction (``features.extract_dense``); the backbone comes from
-``densessl.eval.protocols.load_eval_backbone`` whether it is a checkpoint or ``random``.
+``densessl.eval.backbone.load_backbone`` whether it is a checkpoint or ``random``.
 """
-from densessl.eval.dense.config import PRESETS, DenseConfig, dense_config
+from densessl.eval.dense.config import DenseConfig, dense_config
 
-__all__ = ["PRESETS", "DenseConfig", "dense_config"]
+__all__ = ["DenseConfig", "dense_config"]

@@ -1,9 +1,10 @@
-"""The configuration of the frozen dense probes: one dataclass, presets, typed overrides.
+"""The configuration of the frozen dense probes: one dataclass, presets (eval/presets/dense-*.yaml),
+typed overrides.
 
 :class:`DenseConfig` extends the image-level :class:`~densessl.eval.protocols.EvalConfig`, so
 the backbone (``model``, ``seed``, ``random_init_seed``), the BatchNorm handling (``bn_stats``),
 ``precision``, ``device`` and ``out`` mean exactly what they mean for ``densessl eval frozen``,
-and :func:`~densessl.eval.protocols.load_eval_backbone` reads it unchanged. The inherited
+and :func:`~densessl.eval.backbone.load_backbone` reads it unchanged. The inherited
 probe fields keep their image-level meaning and apply to the *region* probe, which is that
 kNN and that linear probe run on RoIAlign features: ``k``, ``temperature``, ``chunk_size``
 (weighted kNN) and ``epochs``, ``lr``, ``weight_decay``, ``batch_size`` (the SGD linear
@@ -89,28 +90,13 @@ class DenseConfig(EvalConfig):
     region: RegionConfig = field(default_factory=RegionConfig)
 
 
-PRESETS: dict[str, dict] = {
-    # the defaults: Fashion-Scenes at 64 px, resnet18_small (C3 16x16, C4 8x8, C5 4x4); minutes on 2 CPU cores
-    "scenes": {},
-    # paper scale: Pascal VOC 2012 (+SBD train_aug) at 448 px on a ResNet-50 (C3 56x56, C4 28x28, C5 14x14),
-    # the settings of the sources (docstrings of the probe modules); a GPU job. Point data.root at VOC.
-    "paper": {"data": {"dataset": "voc", "train_split": "train_aug", "val_split": "val", "size": 448,
-                       "num_workers": 8},
-              "model": {"backbone": "resnet50", "width": None}, "num_train": None, "num_test": None,
-              "extract_batch_size": 32, "store_dtype": "float16",
-              "retrieval": {"memory_size": 1024000, "fractions": [1 / 128, 1 / 64, 1 / 8, 1.0], "chunk_size": 1024},
-              "seg": {"epochs": 25, "batch_size": 16, "train_label_size": 100},
-              "cluster": {"pca_dim": 50, "overcluster_k": 500},
-              "region": {"size_bins": "coco"}},
-}
-
 PROBES = ("retrieval", "linear_seg", "overcluster", "region")
 
 
 def dense_config(overrides: list[str]) -> DenseConfig:
     from densessl.eval.transfer import transfer_config
 
-    cfg = transfer_config(DenseConfig, PRESETS, overrides)
+    cfg = transfer_config(DenseConfig, "dense", overrides)  # presets: eval/presets/dense-*.yaml
     check_config(cfg)
     return cfg
 
@@ -143,7 +129,8 @@ def check_config(cfg: DenseConfig) -> None:
         (cfg.region.size_bins in ("terciles", "coco"), "region.size_bins must be terciles or coco"),
         (cfg.store_dtype in ("float32", "float16", "bfloat16"), "store_dtype must be float32, float16 or bfloat16"),
         (cfg.precision in ("fp32", "bf16"), "precision must be fp32 or bf16"),
-        (cfg.data.dataset in ("fashion_scenes", "voc", "coco"), "data.dataset must be fashion_scenes, voc or coco"),
+        (cfg.data.dataset in ("fashion_scenes", "moving_scenes", "voc", "coco"),
+         "data.dataset must be fashion_scenes, moving_scenes, voc or coco"),
     ]
     for ok, message in checks:
         if not ok:

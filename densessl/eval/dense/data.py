@@ -11,6 +11,9 @@ the dataset, 255 ignore), "boxes": float32 (n, 4) xyxy pixels of the resized ima
   none otherwise (the region probe then reports that it has no boxes).
 - coco: ``COCODataset(with_masks=True)``; crowd regions are ignore (255) in the label and
   their boxes are left out.
+- moving_scenes: frames of the synthetic videos the optical-flow variant pretrains on (two
+  frames per video, ``densessl.data.moving_scenes.moving_scenes_segmentation``); no boxes, so
+  the region probe reports that it has none.
 
 VOC/COCO images are resized to ``data.size`` x ``data.size`` (bilinear with antialiasing),
 labels with nearest neighbour, boxes scaled by the same factors (aspect ratio not kept, as
@@ -44,6 +47,8 @@ class DenseItems(Dataset):
         image = s["image"]
         label = s["mask"] if "mask" in s else s["semantic"]
         boxes, classes = s.get("boxes"), s.get("classes")
+        if boxes is None:  # a source without boxes (moving scenes)
+            boxes, classes = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
         if self.kind == "coco":
             keep = ~s["iscrowd"]
             boxes, classes = boxes[keep], classes[keep]
@@ -91,6 +96,13 @@ def dense_dataset(cfg, split: str) -> tuple[Dataset, tuple[str, ...]]:
         name = data.train_split if split == "train" else data.val_split
         src = build_dataset(data, split=name, with_masks=True, num=data.num_scenes if num is None else num)
         return DenseItems(src, None, data.size, "scenes"), ("background",) + tuple(CLASSES)
+    if data.dataset == "moving_scenes":
+        from densessl.data.moving_scenes import moving_scenes_segmentation
+
+        name = data.train_split if split == "train" else data.val_split
+        items, classes = moving_scenes_segmentation(name, data.num_scenes if num is None else num, data.size,
+                                                    data.seed, data.root)
+        return DenseItems(items, None, data.size, "moving_scenes"), classes
     if not data.root:
         raise ConfigError(f"data.dataset={data.dataset} needs data.root=<the {data.dataset.upper()} folder>")
     name = data.train_split if split == "train" else data.val_split
@@ -107,7 +119,7 @@ def dense_dataset(cfg, split: str) -> tuple[Dataset, tuple[str, ...]]:
         src = COCODataset(ann, images, with_masks=True)
         items, classes = DenseItems(src, num, data.size, "coco"), src.classes
     else:
-        raise ConfigError(f"data.dataset={data.dataset!r}; the dense probes read fashion_scenes, voc or coco")
+        raise ConfigError(f"data.dataset={data.dataset!r}; the dense probes read fashion_scenes, moving_scenes, voc or coco")
     if len(items) == 0:
         raise ConfigError(f"{data.dataset} split {name!r} under {data.root} is empty")
     if len(classes) + 1 > IGNORE_INDEX:

@@ -1,7 +1,7 @@
 """``densessl eval dense|retrieval|linear-seg|overcluster|region CHECKPOINT|random [key=value ...]``.
 
 One backbone (a checkpoint, or the random-init baseline, both through
-``protocols.load_eval_backbone``), one dense feature extraction of the train and val splits
+``densessl.eval.backbone.load_backbone``), one dense feature extraction of the train and val splits
 (only the stages the chosen probes use; overclustering alone reads only val), then each probe
 on the cached maps. The metrics JSON (``out=``, default ``<run>/eval/<command>.json`` beside
 the checkpoint) holds every setting next to the numbers.
@@ -14,6 +14,8 @@ from dataclasses import asdict
 import torch
 from torch.utils.data import Subset
 
+from densessl.common.distributed import pick_device
+from densessl.eval.backbone import load_backbone
 from densessl.eval.dense.config import PROBES, DenseConfig, dense_config, parse_stage_set
 from densessl.eval.dense.data import dense_dataset
 from densessl.eval.dense.features import DTYPES, extract_dense
@@ -22,7 +24,7 @@ from densessl.eval.dense.overcluster import run_overcluster
 from densessl.eval.dense.region import run_region
 from densessl.eval.dense.retrieval import run_retrieval
 from densessl.eval.features import recompute_bn_stats
-from densessl.eval.protocols import default_out, load_eval_backbone, write_metrics
+from densessl.eval.protocols import default_out, write_metrics
 
 SECTION = {"retrieval": "retrieval", "linear_seg": "seg", "overcluster": "cluster", "region": "region"}
 COMMANDS = {"retrieval": "retrieval", "linear-seg": "linear_seg", "overcluster": "overcluster", "region": "region"}
@@ -35,10 +37,8 @@ def needed_stages(cfg: DenseConfig, probes) -> tuple[str, ...]:
 
 def evaluate_dense(spec: str, probes: list[str], cfg: DenseConfig, log=print) -> dict:
     """Run the dense ``probes`` on one backbone; returns the metrics dict."""
-    from densessl.engine.distributed import pick_device
-
     t0 = time.perf_counter()
-    backbone, desc = load_eval_backbone(spec, cfg)
+    backbone, desc = load_backbone(spec, cfg)
     device = pick_device(cfg.device)
     backbone = backbone.to(device)
     val_ds, classes = dense_dataset(cfg, "val")

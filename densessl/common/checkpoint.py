@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, safe loading, and backbones from checkpoints.
+"""Checkpoint files: atomic writes and safe loading (densessl.eval.backbone builds backbones from them).
 
 A checkpoint holds everything needed to continue exactly: model (online, target, heads),
 optimiser, grad scaler, online probe, step, RNG state and the resolved config. The data order
@@ -15,12 +15,10 @@ from pathlib import Path
 
 import torch
 
+from densessl.common.errors import CheckpointError
+
 FORMAT = "densessl-checkpoint-v1"
-
-
-class CheckpointError(ValueError):
-    pass
-
+SAFETENSORS_FORMAT = "densessl-backbone-v1"  # the metadata `format` of densessl's safetensors backbone export
 
 # the temporary a save writes before its rename: .<name>.tmp<pid>
 TMP_MARK = ".tmp"
@@ -99,18 +97,3 @@ def backbone_state(method_state: dict) -> dict:
     prefix = "backbone."
     return {k[len(prefix):]: v for k, v in method_state.items() if k.startswith(prefix)}
 
-
-def load_backbone(path: str | Path):
-    """(backbone, config) from a densessl checkpoint; strict: every key must match."""
-    from densessl.config import config_from_dict
-    from densessl.models.backbones import build_backbone
-
-    ckpt = load_checkpoint(path)
-    cfg = config_from_dict(ckpt["config"])
-    backbone = build_backbone(cfg.model.backbone, cfg.model.width)
-    state = backbone_state(ckpt["method"])
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: backbone keys do not match {cfg.model.backbone}: "
-                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return backbone, cfg
