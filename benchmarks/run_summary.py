@@ -1,4 +1,4 @@
-"""What docs/results.md quotes from a run folder's metrics.jsonl: the loss at the first and last
+"""What docs/studies/2026-11-results-notebook.md quotes from a run folder's metrics.jsonl: the loss at the first and last
 logged step, each collapse statistic the method logs (first -> last, and its minimum), the kNN
 monitor, the online probe's mAP, the median images/s, and the wall time from the run's
 config.yaml to its last checkpoint (file times, so a resumed run counts its pause).

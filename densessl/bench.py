@@ -3,6 +3,8 @@
 `densessl bench step`  : the BYOL training step (images/s) of densessl in several precisions and
                          memory layouts, and lightly's BYOL step with the same backbone,
                          resolution, batch and loss when lightly is importable.
+`densessl bench methods`: every method's recipe step, plain fp32 beside densessl's defaults;
+                         with `--compile`, the defaults eager beside torch.compile of the forward.
 `densessl bench views` : view generation from JPEG files: densessl's uint8 sampler + batched
                          device augmentation against a seed-style per-image PIL/torchvision
                          pipeline, for BYOL's two views and a 2x224 + 6x96 multi-crop.
@@ -79,6 +81,7 @@ def densessl_byol_step(backbone: str, width, size: int, batch: int, precision: s
         method.after_step(step[0], 1000)
         step[0] += 1
 
+    run.method, run.optimizer = method, opt  # for the profile (benchmarks/profile_step.py)
     return run
 
 
@@ -147,7 +150,11 @@ def bench_step(backbone="resnet18", width=None, size=64, batch=64, rounds=7, wit
         try:
             contenders["lightly BYOL (fp32)"] = lightly_byol_step(size, batch, backbone)
         except ImportError:
-            print("lightly is not importable here: run benchmarks/run_step_bench.sh for the side-by-side")
+            print("lightly is not importable here: run `bash benchmarks/setup_bench_env.sh` and this command with "
+                  ".venv-bench/bin/python for the side-by-side")
+        else:  # lightly's loop at densessl's best settings: bf16 autocast and channels_last
+            contenders["lightly BYOL (bf16, channels_last)"] = lightly_byol_step(
+                size, batch, backbone, precision="bf16", channels_last=True)
     for precision in ("fp32", "bf16"):
         for cl in (False, True):
             name = f"densessl BYOL ({precision}, {'channels_last' if cl else 'contiguous'})"
@@ -203,7 +210,7 @@ def recipe_step(method: str, scale: str, batch: int, precision: str, channels_la
     return run
 
 
-def bench_methods(scale="small", methods=STEP_METHODS, batch=None, rounds=5) -> dict[str, list[Result]]:
+def bench_methods(scale="small", methods=STEP_METHODS, batch=None, rounds=5, overrides=()) -> dict[str, list[Result]]:
     """Per method: the plain-PyTorch way (fp32, contiguous, oneDNN convolutions everywhere) beside
     densessl in fp32 (channels_last, small-map GEMMs: the defaults on a CPU without bf16 units)
     and densessl's defaults on a CPU with AMX or AVX512-BF16 (the same in bf16 autocast)."""
@@ -211,11 +218,115 @@ def bench_methods(scale="small", methods=STEP_METHODS, batch=None, rounds=5) -> 
     results = {}
     for m in methods:
         results[m] = interleaved({
-            "fp32, contiguous (plain PyTorch)": recipe_step(m, scale, batch, "fp32", False, False),
-            "densessl, fp32 (channels_last)": recipe_step(m, scale, batch, "fp32", True, True),
-            "densessl defaults (bf16, channels_last)": recipe_step(m, scale, batch, "bf16", True, True),
+            "fp32, contiguous (plain PyTorch)": recipe_step(m, scale, batch, "fp32", False, False, tuple(overrides)),
+            "densessl, fp32 (channels_last)": recipe_step(m, scale, batch, "fp32", True, True, tuple(overrides)),
+            "densessl defaults (bf16, channels_last)": recipe_step(m, scale, batch, "bf16", True, True,
+                                                                   tuple(overrides)),
         }, rounds, batch, warmup=2)
     return results
+
+
+def compile_step(run, backend: str = "inductor", mode: str | None = None):
+    """torch.compile what `Trainer.train_step` calls for the forward (`trainer.model`: the
+    method, whose forward holds the backbone, heads and loss; AOTAutograd compiles the backward
+    with it); augmentation, optimiser and after-step hooks stay eager. Returns the eager module
+    (to restore it)."""
+    tr = run.trainer
+    eager = tr.model
+    tr.model = torch.compile(eager, backend=backend, mode=mode)
+    return eager
+
+
+def first_line(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+@dataclass
+class CompiledResult:
+    """One method's eager and compiled steps, timed in the same interleaved rounds."""
+    method: str
+    eager: Result | None
+    compiled: Result | None
+    compile_s: float | None = None  # wall time of the compiled warm-up steps (compilation included)
+    graphs: int | None = None  # dynamo's unique graphs after the warm-up
+    recompiled_in_rounds: int = 0  # graphs added during the timed rounds (their time is in the rate then)
+    error: str | None = None  # first line of the compile (or compiled step's) error
+
+    @property
+    def ratio(self) -> float | None:
+        return self.compiled.images_per_s / self.eager.images_per_s if self.compiled and self.eager else None
+
+
+def bench_methods_compiled(scale="small", methods=STEP_METHODS, batch=None, rounds=3, precision="bf16",
+                           channels_last=True, overrides=None, backend="inductor", mode=None,
+                           warmup=2) -> dict[str, CompiledResult]:
+    """Per method, densessl's defaults eager beside the same step with the forward compiled
+    (`compile_step`). The compiled contender's warm-up steps (which compile) are timed apart and
+    excluded from its rate; a method whose compilation or compiled step fails is reported with
+    the error's first line and its eager rate, and the run goes on. `overrides`: method -> extra
+    config overrides (tiny sizes in the tests)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    batch = batch or (128 if scale == "small" else 16)
+    out = {}
+    for m in methods:
+        extra = tuple((overrides or {}).get(m, ()))
+        res = CompiledResult(m, None, None)
+        try:
+            eager = recipe_step(m, scale, batch, precision, channels_last, True, extra)
+            comp = recipe_step(m, scale, batch, precision, channels_last, True, extra)
+        except Exception as e:  # noqa: BLE001 - e.g. a batch the recipe cannot split: report, go on
+            res.error = "eager step: " + first_line(e)
+            out[m] = res
+            continue
+        torch._dynamo.reset()
+        counters.clear()
+        try:
+            restore = compile_step(comp, backend, mode)
+            t0 = time.perf_counter()
+            for _ in range(warmup):
+                comp()
+            res.compile_s = time.perf_counter() - t0
+            res.graphs = int(counters["stats"].get("unique_graphs", 0))
+        except Exception as e:  # noqa: BLE001 - one method's failure must not end the run
+            res.error = first_line(e)
+            comp = None
+        contenders = {"eager": eager}
+        if comp is not None:
+            contenders["compiled"] = comp
+        for _ in range(warmup):
+            eager()
+        try:
+            timed = {r.name: r for r in interleaved(contenders, rounds, batch, warmup=0)}
+        except Exception as e:  # noqa: BLE001 - a compiled step failing later: time eager alone
+            res.error = first_line(e)
+            timed = {r.name: r for r in interleaved({"eager": eager}, rounds, batch, warmup=0)}
+        res.eager, res.compiled = timed.get("eager"), timed.get("compiled")
+        if res.compiled is not None and res.graphs is not None:
+            res.recompiled_in_rounds = int(counters["stats"].get("unique_graphs", 0)) - res.graphs
+        out[m] = res
+        print(f"[bench methods --compile] {m}: warm-up incl. compile {res.compile_s or 0:.1f} s, "
+              f"{'failed: ' + res.error if res.error else f'compiled/eager {res.ratio:.2f}x'}", flush=True)
+        del eager, comp
+        torch._dynamo.reset()
+    return out
+
+
+def format_compiled(results: dict[str, CompiledResult], scale: str = "small") -> str:
+    lines = ["| method (recipe) | eager images/s | compiled images/s | compiled / eager | warm-up incl. compile (s) "
+             "| graphs | note |", "|---|---:|---:|---:|---:|---:|---|"]
+    for m, r in results.items():
+        eager = f"{r.eager.images_per_s:.1f}" if r.eager else "-"
+        comp = f"{r.compiled.images_per_s:.1f}" if r.compiled else "failed"
+        ratio = f"{r.ratio:.2f}x" if r.ratio else "-"
+        cs = f"{r.compile_s:.1f}" if r.compile_s is not None else "-"
+        note = f"failed: {r.error}" if r.error else (
+            f"{r.recompiled_in_rounds} recompilation(s) inside the timed rounds" if r.recompiled_in_rounds else "")
+        lines.append(f"| {m} ({step_recipe(m, scale)}) | {eager} | {comp} | {ratio} | {cs} | {r.graphs if r.graphs is not None else '-'} "
+                     f"| {note.replace('|', '/')} |")
+    return "\n".join(lines)
 
 
 def matmul_peak(dtype=torch.float32, n=2048, reps=5) -> float:
@@ -392,6 +503,12 @@ def add_bench_commands(subparsers) -> None:
     m.add_argument("--methods", nargs="+", choices=STEP_METHODS, default=list(STEP_METHODS))
     m.add_argument("--batch", type=int, default=None, help="default: 128 (small), 16 (paper)")
     m.add_argument("--rounds", type=int, default=5)
+    m.add_argument("--compile", action="store_true",
+                   help="instead: densessl's defaults eager beside torch.compile of the method's forward")
+    m.add_argument("--compile-backend", default="inductor", help="torch.compile backend (with --compile)")
+    m.add_argument("--compile-mode", default=None, help="torch.compile mode (with --compile)")
+    m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override applied to every method's recipe (repeatable)")
     m.set_defaults(func=_cmd_methods)
     v = subparsers.add_parser("views", help="view generation from JPEG files beside a seed-style PIL pipeline")
     v.add_argument("--folder", default="runs/bench-jpegs")
@@ -406,6 +523,11 @@ def _cmd_step(args) -> int:
     print(f"BYOL training step, {args.backbone}, {args.size} px, batch {args.batch}, {args.rounds} interleaved "
           f"rounds; {describe_machine()}")
     print(format_results(results, ref))
+    rates = {r.name: r.images_per_s for r in results}
+    if "lightly BYOL (bf16, channels_last)" in rates:
+        best_name = max((n for n in rates if n.startswith("densessl")), key=rates.get)
+        print(f"best densessl ({best_name}) vs lightly at its best (bf16, channels_last): "
+              f"{rates[best_name] / rates['lightly BYOL (bf16, channels_last)']:.2f}x")
     flops = byol_step_flops(args.backbone, args.width, args.size, args.batch)
     best = max(r.images_per_s for r in results if r.name.startswith("densessl"))
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
@@ -415,7 +537,16 @@ def _cmd_step(args) -> int:
 
 
 def _cmd_methods(args) -> int:
-    results = bench_methods(args.scale, args.methods, args.batch, args.rounds)
+    if args.compile:
+        res = bench_methods_compiled(args.scale, args.methods, args.batch, args.rounds,
+                                     overrides={m: args.overrides for m in args.methods},
+                                     backend=args.compile_backend, mode=args.compile_mode)
+        print(f"training steps ({args.scale} scale, densessl defaults: bf16, channels_last), eager beside "
+              f"torch.compile(backend={args.compile_backend}, mode={args.compile_mode}) of the method's forward, "
+              f"{args.rounds} interleaved rounds after the warm-up; {describe_machine()}")
+        print(format_compiled(res, args.scale))
+        return 0
+    results = bench_methods(args.scale, args.methods, args.batch, args.rounds, args.overrides)
     print(f"training steps ({args.scale} scale), {args.rounds} interleaved rounds; {describe_machine()}")
     for name, res in results.items():
         print(f"\n{name} ({step_recipe(name, args.scale)}):")

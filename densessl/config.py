@@ -63,6 +63,9 @@ def field_default(cfg, dotted: str):
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+BLUR_KINDS = ("gaussian", "resize")
+
+
 @dataclass
 class ViewConfig:
     """One group of crops: `count` crops of `size` px, with their augmentation."""
@@ -80,6 +83,9 @@ class ViewConfig:
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_kernel_frac: float = 0.1  # kernel side as a fraction of the crop (BYOL: 23 px at 224)
+    # gaussian (blur_sigma, blur_kernel_frac) | resize: SCRL's code, down by 1.1, 1.2 or 1.5 and
+    # back up, bicubic (blur_sigma and blur_kernel_frac unused)
+    blur_kind: str = "gaussian"
     solarize_p: float = 0.0
     # Pyramid patches (SS-PRL). grid > 0: one region per image is drawn with `scale`/`ratio`,
     # resized to region_size x region_size (0: grid * size), cut into grid x grid cells, and
@@ -88,6 +94,10 @@ class ViewConfig:
     # view 0 in row-major order, then view 1, ...). grid = 0: plain crops, as before.
     grid: int = 0
     region_size: int = 0
+
+    def __post_init__(self):
+        if self.blur_kind not in BLUR_KINDS:
+            raise ConfigError(f"key 'views.blur_kind' expects one of {', '.join(BLUR_KINDS)}, got {self.blur_kind!r}")
 
 
 @dataclass
@@ -111,6 +121,9 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet18_small"
     width: Optional[int] = None
+    # true: the last BN gamma of every residual block starts at 0 (torchvision's zero_init_residual;
+    # PixPro's code does it)
+    zero_init_residual: bool = False
 
 
 @dataclass
@@ -139,8 +152,20 @@ class OptimConfig:
     eta: float = 1e-3  # LARS trust coefficient
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: float = 10.0
+    warmup_start_lr: float = 0.0  # lr at step 0 of the warm-up, per 256 like lr (SwAV's start_warmup)
     min_lr: float = 0.0
     clip_grad: Optional[float] = None
+    # false: biases and norm parameters (ndim <= 1) are decayed too (official MoCo, SwAV's LARC)
+    wd_exclude_1d: bool = True
+    # false: biases and norm parameters get the LARS trust ratio too (SwAV's LARC)
+    lars_exclude_1d: bool = True
+
+    def __post_init__(self):
+        if self.warmup_start_lr < 0:
+            raise ConfigError(f"key 'optim.warmup_start_lr' expects a learning rate >= 0, got {self.warmup_start_lr!r}")
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "none")  # train.tracker; densessl/engine/trackers.py
 
 
 @dataclass
@@ -163,7 +188,13 @@ class TrainConfig:
     probe_lr: float = 0.1
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
-    tensorboard: bool = True
+    tensorboard: bool = True  # the tensorboard tracker's switch (false: no tracker); unused by the others
+    # where rank 0 sends metrics.jsonl's records too: tensorboard | wandb | mlflow | none (densessl/engine/trackers.py)
+    tracker: str = "tensorboard"
+
+    def __post_init__(self):
+        if self.tracker not in TRACKERS:
+            raise ConfigError(f"key 'train.tracker' expects one of {', '.join(TRACKERS)}, got {self.tracker!r}")
 
 
 @dataclass

@@ -65,7 +65,9 @@ def verdict(rows: list[dict], claim: Claim) -> dict:
     a = values(rows, claim.better, claim.protocol, claim.metric)
     b = values(rows, claim.worse, claim.protocol, claim.metric)
     w = welch(a, b)
-    if w is None:
+    if not a or not b:
+        text = "not measured yet"
+    elif w is None:
         text = f"inconclusive (seeds: {len(a)} vs {len(b)}; 2 a side at least)"
     elif w[1] > 0:
         text = "holds"
@@ -91,8 +93,10 @@ def _cell(xs: list[float], random: list[float], is_random: bool = False) -> str:
     return f"{_pct(m)}" + (f" ± {_pct(h)}" if h is not None else "") + f" (n={len(xs)}) {mark(xs, random)}".rstrip()
 
 
-def run_names(study: Study) -> list[str]:
-    return ["random"] + [r.label for r in study.runs]
+def run_names(study: Study, protocol: str | None = None) -> list[str]:
+    """The random baseline and the runs evaluated by `protocol` (every run when None)."""
+    return ["random"] + [r.label for r in study.runs if protocol is None or r.protocols is None
+                         or protocol in r.protocols]
 
 
 def render(study: Study, rows: list[dict], table: Path, figure: str | None) -> str:
@@ -131,7 +135,7 @@ def render(study: Study, rows: list[dict], table: Path, figure: str | None) -> s
         lines += [f"### {proto}", "", f"`densessl eval {p.eval} CHECKPOINT {' '.join(p.overrides)}`".replace(" `", "`"),
                   "", "| run | epochs | " + " | ".join(m.label for m in metrics) + " |",
                   "|---|---:|" + "---:|" * len(metrics)]
-        for run in run_names(study):
+        for run in run_names(study, proto):
             epochs = {r["epochs"] for r in rows if r["run"] == run and r["protocol"] == proto}
             cells = [_cell(values(rows, run, proto, m.metric), values(rows, "random", proto, m.metric),
                            run == "random") for m in metrics]
@@ -163,7 +167,7 @@ def plot(study: Study, rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     metrics = study.report
-    names = [r.label for r in study.runs]
+    names = run_names(study)[1:]
     cols = min(3, len(metrics))
     nrows = math.ceil(len(metrics) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 0.28 * len(names) * nrows + 1.2 * nrows),

@@ -75,3 +75,91 @@ def test_colour_shortcut_measures_on_hand_made_images():
     assert mod.grayscale(items)[0]["image"][:, 0, 0].tolist() == [76, 76, 76]  # round(0.2989 * 255)
     # the colour similarity of the k feature-nearest columns: row 0's nearest is column 1 (0.7)
     assert mod.mean_topk_colour(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.2, 0.7]]), k=1) == pytest.approx(0.7)
+
+
+TINY = ["model.backbone=resnet18_small", "model.width=8", "method.proj_hidden_dim=32", "method.proj_dim=16",
+        "data.size=32", "views.0.size=32", "views.1.size=32"]
+TINY_HEADS = {"byol": ["method.pred_hidden_dim=32"], "pixpro": ["method.pred_hidden_dim=32"],
+              "swav": ["method.num_prototypes=16", "views.1.size=16"]}
+
+
+def test_compiled_methods_report_every_method_or_a_failure_line(monkeypatch):
+    """`bench methods --compile`'s runner: one row per method, eager beside compiled; a method
+    whose compilation fails keeps its eager rate and gets the error's first line, and the run
+    goes on. torch.compile itself is stood in for (identity, or an error for two methods) so
+    that every method runs in seconds; the real compile is the next test."""
+    def fake_compile(run, backend="inductor", mode=None):
+        if run.trainer.cfg.method.name in ("mocov2", "swav"):
+            raise RuntimeError("backend failed\nsecond line")
+        return run.trainer.model
+
+    monkeypatch.setattr(bench, "compile_step", fake_compile)
+    res = bench.bench_methods_compiled(methods=bench.STEP_METHODS, batch=8, rounds=1, warmup=1,
+                                       overrides={m: TINY + TINY_HEADS.get(m, []) for m in bench.STEP_METHODS})
+    assert list(res) == list(bench.STEP_METHODS)
+    for m, r in res.items():
+        assert r.eager is not None and r.eager.images_per_s > 0 and len(r.eager.samples) == 1
+        if m in ("mocov2", "swav"):
+            assert r.compiled is None and r.error == "RuntimeError: backend failed" and r.ratio is None
+        else:
+            assert r.error is None and r.compiled.images_per_s > 0 and r.ratio > 0 and r.compile_s > 0
+    table = bench.format_compiled(res).splitlines()
+    assert len(table) == 2 + len(bench.STEP_METHODS)
+    assert "| mocov2 (mocov2-scenes) |" in table[3] and "failed: RuntimeError: backend failed |" in table[3]
+
+
+def test_bench_methods_compile_command_runs_tiny(capsys):
+    """The command line, really compiled (dynamo with the 'eager' backend: the graph capture
+    without inductor's code generation, seconds instead of minutes), for one tiny method."""
+    assert bench.main(["methods", "--compile", "--compile-backend", "eager", "--methods", "byol", "--batch", "8",
+                       "--rounds", "1"] + [a for o in TINY + TINY_HEADS["byol"] for a in ("--set", o)]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| byol (byol-scenes) |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[1]) > 0 and float(cells[2]) > 0 and cells[3].endswith("x") and int(cells[5]) >= 1
+
+
+def test_step_bench_has_lightly_at_its_best_settings_when_importable(monkeypatch):
+    """`bench step` adds lightly in bf16 + channels_last beside lightly's fp32 example when
+    lightly imports; without it, the densessl contenders alone (the settings are passed on)."""
+    calls = []
+
+    def fake_lightly(size, batch, backbone="resnet18", device="cpu", precision="fp32", channels_last=False):
+        calls.append((precision, channels_last))
+        return lambda: None
+
+    monkeypatch.setattr(bench, "lightly_byol_step", fake_lightly)
+    monkeypatch.setattr(bench, "densessl_byol_step", lambda *a, **k: (lambda: None))
+    names = [r.name for r in bench.bench_step(rounds=1)]
+    assert calls == [("fp32", False), ("bf16", True)]
+    assert names[:2] == ["lightly BYOL (fp32)", "lightly BYOL (bf16, channels_last)"] and len(names) == 7
+
+    def missing(*a, **k):
+        raise ImportError("no lightly")
+
+    monkeypatch.setattr(bench, "lightly_byol_step", missing)
+    assert not any(r.name.startswith("lightly") for r in bench.bench_step(rounds=1))
+
+
+def test_profile_step_buckets_a_tiny_step():
+    """benchmarks/profile_step.py's classification on a tiny profiled step: every bucket's time
+    adds up to the profiled total, and the convolutions, batch norm and optimiser are found."""
+    import importlib.util
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_step.py"
+    spec = importlib.util.spec_from_file_location("profile_step", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run = bench.densessl_byol_step("resnet18_small", 8, 16, 4, "bf16", True)
+    mod.wrap(run.optimizer, "step", "bucket:optimizer")
+    run()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        run()
+    buckets, convs, ops, total = mod.classify(prof.events())
+    assert set(buckets) <= set(mod.BUCKET_ORDER)
+    assert sum(buckets.values()) == pytest.approx(total, rel=1e-6)
+    assert all(buckets[b] > 0 for b in ("convolutions", "batch norm", "optimiser (LARS)"))
+    assert any(k.startswith("3 -> 8, 3x3") or k.startswith("3 -> 8,") for k in convs), list(convs)

@@ -47,3 +47,12 @@ def test_detection_without_pycocotools_ends_in_one_line(monkeypatch, capsys):
     assert main(["eval", "detection", "random"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("densessl: error: ") and "densessl[coco]" in err[0]
+
+
+def test_tracker_extras_are_declared_and_kept_out_of_all_and_test():
+    import tomllib
+    from pathlib import Path
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["wandb"] == ["wandb"] and extras["mlflow"] == ["mlflow"]
+    assert not any(n in r for n in ("wandb", "mlflow") for r in extras["all"] + extras["test"])

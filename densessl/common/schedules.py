@@ -4,10 +4,13 @@ from __future__ import annotations
 import math
 
 
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base: float, final: float = 0.0) -> float:
-    """Linear warmup from 0 to `base` over `warmup_steps`, then cosine from `base` to `final`."""
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base: float, final: float = 0.0,
+                  start: float = 0.0) -> float:
+    """Linear warmup from `start` to `base` over `warmup_steps`, then cosine from `base` to `final`."""
     if step < warmup_steps:
-        return base * step / warmup_steps
+        if start == 0.0:
+            return base * step / warmup_steps
+        return start + (base - start) * step / warmup_steps
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return final + (base - final) * 0.5 * (1.0 + math.cos(math.pi * progress))

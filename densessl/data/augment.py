@@ -91,13 +91,26 @@ def gaussian_blur(x, sigma, kernel_size: int):
     return y.view(B, C, H, W)
 
 
+# SCRL's resize blur (BLUR_METHOD='resized'): one of these down-scale factors per sample
+RESIZE_BLUR_FACTORS = (1.1, 1.2, 1.5)
+
+
+def resize_blur(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """SCRL's blur: down-scale by `factor` (int(side / factor) px, antialiased, as PIL), then back
+    up to the input size, both bicubic; clamped to [0, 1] (bicubic overshoots)."""
+    H, W = x.shape[-2:]
+    small = torch.nn.functional.interpolate(x, size=(int(H / factor), int(W / factor)), mode="bicubic",
+                                            align_corners=False, antialias=True)
+    return torch.nn.functional.interpolate(small, size=(H, W), mode="bicubic", align_corners=False).clamp_(0.0, 1.0)
+
+
 def sample_photometric_params(cfg, n: int, generator: torch.Generator) -> dict:
     """Per-sample random parameters for one view group (drawn on the CPU, reproducibly)."""
     u = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
     b, c, s, h = cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue
     lo = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h])
     hi = torch.tensor([1 + b, 1 + c, 1 + s, h])
-    return {
+    params = {
         "jitter": u(n) < cfg.jitter_p,
         "factors": lo + (hi - lo) * u(n, 4),
         "order": u(n, 4).argsort(dim=1),  # torchvision applies the four ops in random order
@@ -106,6 +119,9 @@ def sample_photometric_params(cfg, n: int, generator: torch.Generator) -> dict:
         "sigma": cfg.blur_sigma[0] + (cfg.blur_sigma[1] - cfg.blur_sigma[0]) * u(n),
         "solarize": u(n) < cfg.solarize_p,
     }
+    if cfg.blur_kind == "resize":  # drawn last: the Gaussian default draws exactly as before
+        params["resize_factor"] = torch.randint(len(RESIZE_BLUR_FACTORS), (n,), generator=generator)
+    return params
 
 
 def _on_selected(x: torch.Tensor, sel: torch.Tensor, fn, *params: torch.Tensor) -> torch.Tensor:
@@ -139,7 +155,10 @@ def apply_photometric(x: torch.Tensor, p: dict, cfg) -> torch.Tensor:
                     x = _on_selected(x, jitter & (p["order"][:, pos] == idx), fn, factors[:, idx])
     if cfg.gray_p > 0:
         x = _on_selected(x, p["gray"], lambda y: rgb_to_gray(y).expand_as(y).contiguous())
-    if cfg.blur_p > 0:
+    if cfg.blur_p > 0 and cfg.blur_kind == "resize":
+        for i, factor in enumerate(RESIZE_BLUR_FACTORS):
+            x = _on_selected(x, p["blur"] & (p["resize_factor"] == i), lambda y: resize_blur(y, factor))
+    elif cfg.blur_p > 0:
         k = max(3, int(round(cfg.blur_kernel_frac * x.shape[-1])) | 1)
         x = _on_selected(x, p["blur"], lambda y, sigma: gaussian_blur(y, sigma, k), p["sigma"])
     if cfg.solarize_p > 0:

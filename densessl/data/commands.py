@@ -71,16 +71,11 @@ def _run_export(args) -> int:
 
 
 def _run_shard(args) -> int:
-    from densessl.config import ConfigError
     from densessl.data.shards import write_shards
-    from densessl.data.video import VideoReadError
 
-    try:
-        info = write_shards(args.src, args.out, shard_size=args.shard_size, shard_bytes=args.shard_bytes,
-                            kind=args.kind, split=args.split, order=args.order, seed=args.seed,
-                            on_error=args.on_error, log=print)
-    except VideoReadError as e:  # cli.main reports ConfigError as one line; VideoReadError it does not know
-        raise ConfigError(str(e)) from None
+    info = write_shards(args.src, args.out, shard_size=args.shard_size, shard_bytes=args.shard_bytes,
+                        kind=args.kind, split=args.split, order=args.order, seed=args.seed,
+                        on_error=args.on_error, log=print)
     split = f", split {info['split']}" if info["split"] else ""
     classes = f", {info['classes']} classes" if info["classes"] else ""
     print(f"wrote {info['count']} samples ({info['kind']}{split}{classes}) in {info['shards']} shards of "
@@ -90,7 +85,10 @@ def _run_shard(args) -> int:
 
 
 def add_data_commands(subparsers) -> None:
-    """Add ``preview``, ``export-voc``, ``export-coco`` and ``shard`` to an argparse subparsers object."""
+    """Add ``preview``, ``export-voc``, ``export-coco``, ``shard`` and ``flows`` to an argparse subparsers object."""
+    from densessl.data.precompute_flows import add_flows_command
+
+    add_flows_command(subparsers)
     p = subparsers.add_parser("preview", help="draw a PNG grid of Fashion-Scenes with boxes and masks",
                               description="Draw Fashion-Scenes with their boxes, class names and "
                                           "instance masks into one PNG.")

@@ -1,6 +1,6 @@
 """Optical flow: estimation, an on-disk cache, chaining, forward-backward consistency.
 
-Conventions (every function here and in densessl.data.video):
+Conventions (every function here and in densessl.data.video and densessl.data.frame_pairs):
 - a flow is a float32 tensor (2, H, W), or batched (B, 2, H, W): channel 0 is dx, channel 1
   is dy, in pixels of the flow's own grid. flow[:, y, x] moves the point seen at pixel (x, y)
   of frame a to (x + dx, y + dy) in frame b. Pixel (x, y) is the pixel's centre; positions
@@ -206,12 +206,18 @@ class FlowModel:
     Subclasses implement `__call__(frame_a, frame_b) -> flow`: frames uint8 (3, H, W) RGB,
     flow float32 (2, H, W) a->b in pixels (see the module docstring). `name` identifies the
     model and its settings in the flow cache: change it when the weights or settings change.
+    `device`: where it computes; `to(device)` asks it to compute there (a CPU-only model such
+    as OpenCV's keeps the CPU).
     """
 
     name: str = "flow"
+    device = torch.device("cpu")
 
     def __call__(self, frame_a: torch.Tensor, frame_b: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def to(self, device: str | torch.device) -> "FlowModel":
+        return self
 
 
 def _check_frame(frame: torch.Tensor) -> np.ndarray:
@@ -270,6 +276,14 @@ class OpenCVFlow(FlowModel):
         return torch.from_numpy(np.ascontiguousarray(flow.transpose(2, 0, 1))).float()
 
 
+def _minus_one_to_one(x: torch.Tensor) -> torch.Tensor:  # RAFT's input range; a function, so it pickles
+    return x.float() / 127.5 - 1.0
+
+
+def _last_output(out):  # torchvision's RAFT returns the list of its refinements: the last is the flow
+    return out[-1] if isinstance(out, (list, tuple)) else out
+
+
 class TorchFlow(FlowModel):
     """A learned flow model: `module(img_a, img_b)` on float batches (1, 3, H, W).
 
@@ -278,18 +292,35 @@ class TorchFlow(FlowModel):
     output is a list, as torchvision's RAFT returns its iterations). Frames are padded (edge
     replicate) to a multiple of `pad_to` and the flow cropped back. Weights are the user's:
     nothing is downloaded.
+    `device`: where the module runs (`to(device)` changes it; the trainer passes train.device's).
+    The module is moved there on its first call, in the process that calls it: a data-loader
+    worker receives CPU weights (see __getstate__), and CUDA is only touched where flows are
+    computed (workers need the spawn start method then: FramePairViews.worker_start_method).
     """
 
-    def __init__(self, module: torch.nn.Module, name: str, device: str = "cpu", pad_to: int = 8,
+    def __init__(self, module: torch.nn.Module, name: str, device: str | torch.device = "cpu", pad_to: int = 8,
                  preprocess: Optional[Callable] = None, postprocess: Optional[Callable] = None):
-        self.module = module.eval().to(device)
+        self.module = module.eval()
         self.name, self.device, self.pad_to = name, torch.device(device), pad_to
-        self.preprocess = preprocess or (lambda x: x.float() / 127.5 - 1.0)
-        self.postprocess = postprocess or (lambda out: out[-1] if isinstance(out, (list, tuple)) else out)
+        self._placed = False  # module on self.device yet
+        self.preprocess = preprocess or _minus_one_to_one
+        self.postprocess = postprocess or _last_output
+
+    def to(self, device: str | torch.device) -> "TorchFlow":
+        self.device, self._placed = torch.device(device), False
+        return self
+
+    def __getstate__(self):  # pickled into data-loader workers: send CPU weights, each moves them itself
+        self.module.to("cpu")
+        self._placed = False
+        return self.__dict__.copy()
 
     @torch.no_grad()
     def __call__(self, frame_a, frame_b):
         _check_frame(frame_a), _check_frame(frame_b)
+        if not self._placed:
+            self.module.to(self.device)
+            self._placed = True
         H, W = frame_a.shape[-2:]
         ph, pw = (-H) % self.pad_to, (-W) % self.pad_to
         x = torch.stack([frame_a, frame_b]).to(self.device)
@@ -316,9 +347,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def torchvision_raft(arch: str, weights: str | os.PathLike | None, device: str = "cpu",
+def torchvision_raft(arch: str, weights: str | os.PathLike | None, device: str | torch.device = "cpu",
                      num_flow_updates: int = 12) -> TorchFlow:
-    """torchvision's RAFT ("raft_small" or "raft_large") with the user's weights file.
+    """torchvision's RAFT ("raft_small" or "raft_large") with the user's weights file, run on `device`.
 
     weights=None keeps the random initialisation (only for tests). The file is a state_dict
     of torchvision's architecture (e.g. a torchvision checkpoint saved to disk beforehand).
@@ -333,19 +364,21 @@ def torchvision_raft(arch: str, weights: str | os.PathLike | None, device: str =
         model.load_state_dict(load_state_dict_file(weights))
         tag = hashlib.sha1(str(Path(weights).resolve()).encode()).hexdigest()[:10]
 
-    class _Raft(torch.nn.Module):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, a, b):
-            return self.net(a, b, num_flow_updates=num_flow_updates)
-
-    return TorchFlow(_Raft(model), name=f"{arch}-{tag}-it{num_flow_updates}", device=device)
+    return TorchFlow(_Raft(model, num_flow_updates), name=f"{arch}-{tag}-it{num_flow_updates}", device=device)
 
 
-def build_flow_model(name: str, weights: Optional[str] = None, device: str = "cpu") -> FlowModel:
-    """By name: dis | dis-fast | dis-ultrafast | farneback | raft_small | raft_large (+ weights)."""
+class _Raft(torch.nn.Module):  # module level, so the model pickles into data-loader workers
+    def __init__(self, net: torch.nn.Module, num_flow_updates: int):
+        super().__init__()
+        self.net, self.num_flow_updates = net, num_flow_updates
+
+    def forward(self, a, b):
+        return self.net(a, b, num_flow_updates=self.num_flow_updates)
+
+
+def build_flow_model(name: str, weights: Optional[str] = None, device: str | torch.device = "cpu") -> FlowModel:
+    """By name: dis | dis-fast | dis-ultrafast | farneback | raft_small | raft_large (+ weights).
+    `device`: where a learned model runs (OpenCV's run on the CPU)."""
     if name in ("dis", "dis-medium"):
         return OpenCVFlow("dis", "medium")
     if name in ("dis-fast", "dis-ultrafast"):
@@ -430,15 +463,32 @@ def pairwise_flows(frames: torch.Tensor, frame_ids: Sequence, video, model: Flow
     """
     if len(frames) != len(frame_ids):
         raise ValueError(f"{len(frames)} frames but {len(frame_ids)} frame ids")
-    frame_shape = tuple(frames.shape[-2:])
+    return cached_pairwise_flows(frame_ids, tuple(frames.shape[-2:]), lambda positions: {k: frames[k] for k in positions},
+                                 video, model, cache, size)
+
+
+def cached_pairwise_flows(frame_ids: Sequence, frame_shape: tuple[int, int], read: Callable, video,
+                          model: FlowModel, cache: Optional[FlowCache] = None,
+                          size: Optional[tuple[int, int]] = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """`pairwise_flows` that reads only the frames it has to: the cache is looked up first, then
+    `read(positions)` (positions: indices into frame_ids, sorted) is called once with the frames
+    of the missing pairs, and must return {position: uint8 frame (3, H, W)}. When every flow is
+    cached, `read` is not called: decoding frames is what costs on real video.
+    `frame_shape` (H, W): the frames' size (the caller has read the first and last frames).
+    """
+    frame_shape = tuple(frame_shape)
     shape = tuple(size) if size is not None else frame_shape
     key = model.name if shape == frame_shape else f"{model.name}@{shape[0]}x{shape[1]}"
-
-    def one(a, b):
-        if cache is not None:
+    pairs = [(k, k + 1) for k in range(len(frame_ids) - 1)] + [(k + 1, k) for k in range(len(frame_ids) - 1)]
+    flows = {}
+    if cache is not None:
+        for a, b in pairs:
             hit = cache.get(key, video, frame_ids[a], frame_ids[b], shape)
             if hit is not None:
-                return hit
+                flows[a, b] = hit
+    missing = [p for p in pairs if p not in flows]
+    frames = read(sorted({k for p in missing for k in p})) if missing else {}
+    for a, b in missing:
         flow = model(frames[a], frames[b]).float()
         if tuple(flow.shape) != (2,) + frame_shape:
             raise ValueError(f"flow model {model.name} returned shape {tuple(flow.shape)}, "
@@ -446,8 +496,6 @@ def pairwise_flows(frames: torch.Tensor, frame_ids: Sequence, video, model: Flow
         flow = resize_flow(flow, shape)
         if cache is not None:
             cache.put(key, video, frame_ids[a], frame_ids[b], flow)
-        return flow
-
-    fw = [one(k, k + 1) for k in range(len(frames) - 1)]
-    bw = [one(k + 1, k) for k in range(len(frames) - 1)]
-    return fw, bw
+        flows[a, b] = flow
+    n = len(frame_ids) - 1
+    return [flows[k, k + 1] for k in range(n)], [flows[k + 1, k] for k in range(n)]

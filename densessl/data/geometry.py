@@ -81,14 +81,38 @@ def positives_from_centres(c1: torch.Tensor, c2: torch.Tensor, diag1: torch.Tens
     return mask
 
 
+CROP_COORDS = ("edges", "code")  # pixpro_positive_mask's crop normalisation (see code_crop_box)
+
+
+def code_crop_box(box: torch.Tensor, source_size: torch.Tensor) -> torch.Tensor:
+    """(B, 4) float64: PixPro code's crop coordinates [j/(W-1), i/(H-1), (j+w-1)/(W-1), (i+h-1)/(H-1)]
+    from the geometry record's pixel edges [j/W, i/H, (j+w)/W, (i+h)/H]; source_size (B, 2) = (W, H).
+
+    The code's crop is one pixel narrower (w - 1) in units of W - 1; a cell is positive on either
+    side of the threshold by a hair, so the masks differ on a few entries (specs, PixPro 3.3)."""
+    wh = source_size.to(device=box.device, dtype=torch.float64)
+    scale = torch.cat([wh, wh], dim=1)  # (W, H, W, H)
+    pixels = (box.double() * scale).round()  # j, i, j + w, i + h (integers in the record)
+    last = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64, device=box.device)
+    return (pixels - last) / (scale - 1)
+
+
 def pixpro_positive_mask(box1: torch.Tensor, flip1: Optional[torch.Tensor], box2: torch.Tensor,
-                         flip2: Optional[torch.Tensor], grid1, grid2, threshold: float = 0.7) -> torch.Tensor:
+                         flip2: Optional[torch.Tensor], grid1, grid2, threshold: float = 0.7,
+                         crop_coords: str = "edges", source_size: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B, N1, N2) bool: PixPro's positive pairs between the cells of view 1 and view 2.
 
     A pair is positive when the distance between the two cell centres in the source image,
     divided by the larger of the two views' cell diagonals, is below `threshold` (strict <).
     Identical crops give the identity (adjacent square cells are 1/sqrt(2) > 0.7 apart).
+    crop_coords="code" first converts both boxes with `code_crop_box` (needs `source_size`).
     """
+    if crop_coords not in CROP_COORDS:
+        raise ValueError(f"crop_coords must be one of {CROP_COORDS}, got {crop_coords!r}")
+    if crop_coords == "code":
+        if source_size is None:
+            raise ValueError("crop_coords='code' needs source_size (B, 2) = (width, height) of the source images")
+        box1, box2 = code_crop_box(box1, source_size), code_crop_box(box2, source_size)
     c1 = cell_centres(box1, flip1, grid1)
     c2 = cell_centres(box2, flip2, grid2)
     return positives_from_centres(c1, c2, bin_diagonal(box1, grid1), bin_diagonal(box2, grid2), threshold)

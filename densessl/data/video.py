@@ -1,4 +1,4 @@
-"""Video data for the optical-flow PixPro variant: video sources and frame-pair views.
+"""Video sources for the optical-flow PixPro variant (frame-pair views: densessl.data.frame_pairs).
 
 A *video source* is a dataset of videos with this interface:
     len(source); source.num_frames(i); source.video_key(i) (a name for the flow cache);
@@ -9,18 +9,21 @@ and, where the source knows the true motion, "flow_fw" / "flow_bw" (T-1, 2, H, W
 Sources:
 - `VideoFrames(root)`: `root/<video>/<frame>.jpg|png|...` (frames in natural sort order:
   frame2 before frame10), and optionally video files `root/<video>.mp4|avi|mov|mkv|webm`
-  decoded with OpenCV. Empty or unreadable input raises an error naming the folder or file.
+  decoded with OpenCV, only the frames asked for, by index. Empty or unreadable input raises
+  an error naming the folder or file.
 - `MovingScenes` (densessl.data.moving_scenes): the built-in Fashion-Scenes whose items move
   (each item with its own smoothly varying velocity), on a static or slowly panning background, with the exact
   flow per frame pair (forward and backward), visibility masks and per-frame semantic maps,
   deterministic from (seed, split, index).
 
-`FramePairViews` wraps a source as the trainer's view dataset, keyed by (epoch, index) like
-ViewDataset: each epoch draws a start frame t per video and reads `nframes` frames spaced by
+`densessl.data.frame_pairs.FramePairViews` wraps a source as the trainer's view dataset, keyed by (epoch, index) like
+ViewDataset: each epoch draws a start frame t per video and `nframes` frames spaced by
 `stride`; view 1 is a crop of frame t (view group 0), view 2 a crop of the last frame (view
-group 1). It adds the chained forward flow (first -> last frame) and the chained backward flow
-(last -> first frame), from the ground truth, from a FlowModel (cached on disk), or zero
-("none": frames without flow). `collate_frame_pairs` batches them: the ViewDataset batch
+group 1). Only the frames needed are decoded (the first and last; those between only for
+exact flows and for estimated flows missing from the cache). It adds the chained forward flow
+(first -> last frame) and the chained backward flow (last -> first frame), from the ground
+truth, from a FlowModel (cached on disk), or zero
+("none": frames without flow). `frame_pairs.collate_frame_pairs` batches them: the ViewDataset batch
 plus "flow" (B, 2, h, w), "flow_back" (B, 2, h, w) and "source_size" (B, 2) = (W, H).
 """
 from __future__ import annotations
@@ -36,19 +39,17 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from densessl.common.errors import ImageReadError
 from densessl.config import require_extra
-from densessl.data import flow as flowlib
 from densessl.data.image_io import DecodeError, decode_rgb
 from densessl.data.moving_scenes import MovingScenes
-from densessl.data.views import ViewSampler, collate_views, expand_slots
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
-FLOW_SOURCES = ("gt", "none", "dis", "dis-fast", "dis-ultrafast", "farneback", "raft_small", "raft_large")
 
 
-class VideoReadError(ValueError):
-    """A frame or video file could not be read."""
+class VideoReadError(ImageReadError):
+    """A frame or video file could not be read (cli.main reports it as one line)."""
 
 
 def natural_key(name: str):
@@ -66,8 +67,10 @@ class VideoFrames(Dataset):
       inside (extensions FRAME_EXTENSIONS, case-insensitive, hidden files ignored), in natural
       order. A sub-folder without frames is an error naming it.
     - `root/<video>.<ext>` with ext in VIDEO_EXTENSIONS: decoded with OpenCV's VideoCapture
-      (whatever codecs the installed OpenCV has). The frame count is the container's
-      (CAP_PROP_FRAME_COUNT); a clip is read by seeking to its first frame and decoding on.
+      (the FFmpeg that opencv-python wheels bundle). The frame count is the container's
+      (CAP_PROP_FRAME_COUNT); only the requested frames are read, by index
+      (`_read_video_frames`).
+    `read_clip(i, ids)` decodes exactly the frames `ids`, nothing else.
     Videos are sorted by name. `size`: the shorter side of every frame is resized to `size`
     (bilinear, antialiased; aspect kept); None keeps the frames as they are.
     `items_per_video`: dataset items per video (item i shows video i // items_per_video), so a
@@ -188,123 +191,42 @@ def _video_file_length(path: Path) -> int:
     return n
 
 
+# Frames up to this many past the current position are reached by grab() (decoded, not
+# converted to RGB) rather than by a seek: a seek decodes again from the key frame before the
+# target, which for long GOPs costs more than the few frames in between.
+SEEK_GAP = 8
+
+
 def _read_video_frames(path: Path, ids: list[int]) -> list[torch.Tensor]:
+    """Frames `ids` (any order, repeats allowed) of a video file, by index: a seek to each
+    wanted frame (OpenCV's CAP_PROP_POS_FRAMES decodes from the key frame before it, so the
+    frame is the one a sequential read gives: checked on FFV1, MJPEG, MPEG-4 and Xvid files;
+    tests/data/test_video.py checks FFV1, lossless, bit for bit),
+    grab() over short gaps; frames between are never converted and none past the last is read."""
     cv2 = require_extra("cv2", "video", "reading video files")
 
     cap = cv2.VideoCapture(str(path))
+    got = {}
     try:
         if not cap.isOpened():
             raise VideoReadError(f"cannot open video file {str(path)!r} with OpenCV")
-        first, last = min(ids), max(ids)
-        if first:
-            cap.set(cv2.CAP_PROP_POS_FRAMES, first)
-        got = {}
-        for k in range(first, last + 1):
+        pos = 0  # index of the frame the next read() returns
+        for k in sorted(set(ids)):
+            if k < pos or k - pos > SEEK_GAP:
+                cap.set(cv2.CAP_PROP_POS_FRAMES, k)
+                pos = k
+            while pos < k:
+                if not cap.grab():
+                    raise VideoReadError(f"cannot decode frame {pos} of video file {str(path)!r}")
+                pos += 1
             ok, bgr = cap.read()
             if not ok:
                 raise VideoReadError(f"cannot decode frame {k} of video file {str(path)!r}")
-            if k in ids:
-                got[k] = torch.from_numpy(np.ascontiguousarray(bgr[:, :, ::-1].transpose(2, 0, 1)))
+            pos += 1
+            got[k] = torch.from_numpy(np.ascontiguousarray(bgr[:, :, ::-1].transpose(2, 0, 1)))
     finally:
         cap.release()
     return [got[k] for k in ids]
-
-
-# ------------------------------------------------------------------------ frame-pair views
-
-
-class FramePairViews(Dataset):
-    """The trainer's view dataset for video sources, indexed by (epoch, index) pairs.
-
-    For item (epoch, i), all randomness comes from default_rng([seed, epoch, i]): the start
-    frame t (uniform over the starts that fit), then the crops as ViewSampler draws them.
-    Frames t, t + stride, ..., t + (nframes - 1) stride are read; view 1 = view group 0 on
-    frame t, view 2 = view group 1 on the last frame (nframes = 1: both on frame t, plain
-    PixPro on single frames).
-
-    flow: "gt" (the source's exact flow; MovingScenes), "none" (zero flow: frames without
-    correspondence by motion), or a FlowModel (estimated, cached in `cache` when given).
-    Pairwise flows are chained (first -> last frame and last -> first frame). `flow_size`
-    (None: the frame size) bounds the longer side of the flows: estimated flows are resized
-    before they are cached and chained (a small cache, like the fork's 1/8-resolution files);
-    exact flows are chained at frame size, then resized.
-    Sample: {"views", "geometry", "index", "flow" (2, h, w), "flow_back" (2, h, w),
-    "source_size" (2,) = (W, H), "labels" when the source has them}.
-    """
-
-    def __init__(self, source, groups, seed: int, nframes: int = 2, stride: int = 1,
-                 flow: Union[str, "flowlib.FlowModel"] = "gt", cache: Optional[flowlib.FlowCache] = None,
-                 flow_size: Optional[int] = None):
-        if nframes < 1 or stride < 1:
-            raise ValueError(f"nframes and stride must be >= 1, got nframes={nframes}, stride={stride}")
-        slots = expand_slots(list(groups))
-        if len(slots) != 2 or any(g.grid > 0 for g in groups):
-            raise ValueError(f"frame pairs take exactly 2 plain view slots (one crop of the first frame, one of the "
-                             f"last); the recipe's views give {len(slots)} slots")
-        if isinstance(flow, str) and flow not in ("gt", "none"):
-            raise ValueError(f"flow must be 'gt', 'none' or a FlowModel, got {flow!r}")
-        if flow == "gt" and nframes > 1 and not getattr(source, "has_gt_flow", False):
-            raise ValueError(f"flow='gt' needs a source with ground-truth flow (MovingScenes); {type(source).__name__} "
-                             f"has none: estimate it (dis, farneback, or a learned model)")
-        self.source, self.seed, self.nframes, self.stride = source, int(seed), int(nframes), int(stride)
-        self.flow, self.cache, self.flow_size = flow, cache, flow_size
-        self.samplers = [ViewSampler([slots[0]]), ViewSampler([slots[1]])]
-        span = self.span
-        short = [i for i in range(len(source)) if source.num_frames(i) < span]
-        if short:
-            name = getattr(source, "video_name", source.video_key)(short[0])
-            raise ValueError(f"{len(short)} videos have fewer than nframes={nframes} frames at stride={stride} "
-                             f"({span} frames needed), e.g. {name!r}; pass min_frames={span} to VideoFrames to "
-                             f"leave them out, or lower nframes/stride")
-
-    @property
-    def span(self) -> int:
-        return (self.nframes - 1) * self.stride + 1
-
-    def __len__(self):
-        return len(self.source)
-
-    def frame_ids(self, rng: np.random.Generator, i: int) -> list[int]:
-        start = int(rng.integers(0, self.source.num_frames(i) - self.span + 1))
-        return [start + k * self.stride for k in range(self.nframes)]
-
-    def _flows(self, clip: dict, ids: list[int], i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        frames = clip["frames"]
-        H, W = frames.shape[-2:]
-        if self.nframes == 1 or self.flow == "none":
-            zero = torch.zeros(2, 1, 1)
-            return zero, zero.clone()
-        size = flowlib.flow_size_for(H, W, self.flow_size)
-        if self.flow == "gt":
-            fw, bw = list(clip["flow_fw"]), list(clip["flow_bw"])
-            f, b = flowlib.chain_flows(fw), flowlib.chain_flows(bw[::-1])  # exact flows: chained at frame size
-            return flowlib.resize_flow(f, size), flowlib.resize_flow(b, size)
-        fw, bw = flowlib.pairwise_flows(frames, ids, self.source.video_key(i), self.flow, self.cache, size)
-        return flowlib.chain_flows(fw), flowlib.chain_flows(bw[::-1])  # last -> ... -> first
-
-    def __getitem__(self, key):
-        epoch, i = key
-        rng = np.random.default_rng([self.seed, epoch, i])
-        ids = self.frame_ids(rng, i)
-        clip = self.source.read_clip(i, ids)
-        frames = clip["frames"]
-        v1, g1 = self.samplers[0](frames[0], rng)
-        v2, g2 = self.samplers[1](frames[-1], rng)
-        fw, bw = self._flows(clip, ids, i)
-        H, W = frames.shape[-2:]
-        out = {"views": v1 + v2, "geometry": g1 + g2, "index": i, "flow": fw, "flow_back": bw,
-               "source_size": torch.tensor([float(W), float(H)])}
-        if "labels" in clip:
-            out["labels"] = clip["labels"]
-        return out
-
-
-def collate_frame_pairs(samples: list[dict]) -> dict:
-    """collate_views plus flow (B,2,h,w), flow_back (B,2,h,w) and source_size (B,2)."""
-    batch = collate_views(samples)
-    for k in ("flow", "flow_back", "source_size"):
-        batch[k] = torch.stack([s[k] for s in samples])
-    return batch
 
 
 # ------------------------------------------------------------------------ building from a config
@@ -327,76 +249,3 @@ def build_video_source(data_cfg, video_cfg, split: str = "train"):
         return VideoFrames(data_cfg.root, size=data_cfg.size, items_per_video=video_cfg.items_per_video,
                            min_frames=video_cfg.min_frames)
     raise ValueError(f"data.dataset={data_cfg.dataset!r} is not a video dataset; expected moving_scenes or video_frames")
-
-
-def build_frame_pairs(source, groups, seed: int, video_cfg) -> FramePairViews:
-    """FramePairViews with the flow source named by the method's `video:` section."""
-    flow = video_cfg.flow
-    model = flow if flow in ("gt", "none") else flowlib.build_flow_model(flow, video_cfg.flow_weights)
-    cache = flowlib.FlowCache(video_cfg.flow_cache) if video_cfg.flow_cache and model not in ("gt", "none") else None
-    return FramePairViews(source, groups, seed, nframes=video_cfg.nframes, stride=video_cfg.stride, flow=model,
-                          cache=cache, flow_size=video_cfg.flow_size)
-
-
-# ------------------------------------------------------------------------ offline flow
-
-
-def precompute_flows(source, model: "flowlib.FlowModel", cache: "flowlib.FlowCache", stride: int = 1,
-                     flow_size: Optional[int] = None, shard: tuple[int, int] = (0, 1), chunk: int = 16,
-                     log=print) -> int:
-    """Fill `cache` with the forward and backward flows of every frame pair (k, k + stride)
-    of every video of `source` (as FramePairViews with the same model, stride and flow_size
-    will ask for them). `shard` = (k, n): only videos v with v % n == k (for parallel jobs).
-    Frames are read `chunk` at a time. Returns the number of flows computed or found.
-    """
-    k_shard, n_shard = shard
-    per_video = getattr(source, "items_per_video", 1)
-    n_videos = len(source) // per_video
-    done = 0
-    for v in range(k_shard, n_videos, n_shard):
-        i = v * per_video
-        n = source.num_frames(i)
-        key = source.video_key(i)
-        for phase in range(min(stride, max(n - stride, 0))):  # frames phase, phase + stride, ... form one chain
-            ids = list(range(phase, n, stride))
-            for s in range(0, len(ids) - 1, chunk - 1):
-                part = ids[s:s + chunk]
-                frames = source.read_clip(i, part)["frames"]
-                size = flowlib.flow_size_for(*frames.shape[-2:], flow_size)
-                fw, bw = flowlib.pairwise_flows(frames, part, key, model, cache, size)
-                done += len(fw) + len(bw)
-        if log is not None:
-            log(f"video {v + 1}/{n_videos} {key}: {n} frames")
-    return done
-
-
-def main(argv=None) -> int:
-    """python -m densessl.data.video precompute-flows ROOT --cache DIR [--flow dis] ..."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m densessl.data.video",
-                                description="precompute optical flow for a folder of videos into a flow cache")
-    p.add_argument("command", choices=["precompute-flows"])
-    p.add_argument("root", help="folder of videos (frame folders or video files)")
-    p.add_argument("--cache", required=True, help="the flow cache folder (method.video.flow_cache)")
-    p.add_argument("--flow", default="dis", help="dis | dis-fast | dis-ultrafast | farneback | raft_small | raft_large")
-    p.add_argument("--weights", default=None, help="raft_*: the weights file")
-    p.add_argument("--stride", type=int, default=1, help="method.video.stride")
-    p.add_argument("--flow-size", type=int, default=None, help="method.video.flow_size")
-    p.add_argument("--size", type=int, default=None, help="data.size (frames' shorter side), as in training")
-    p.add_argument("--shard", default="0/1", help="k/n: this job's share of the videos")
-    p.add_argument("--float16", action="store_true", help="store flows as float16")
-    args = p.parse_args(argv)
-    k, n = (int(x) for x in args.shard.split("/"))
-    source = VideoFrames(args.root, size=args.size)
-    model = flowlib.build_flow_model(args.flow, args.weights)
-    cache = flowlib.FlowCache(args.cache, "float16" if args.float16 else "float32")
-    total = precompute_flows(source, model, cache, args.stride, args.flow_size, (k, n))
-    print(f"{total} flows in {args.cache}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    import sys
-
-    sys.exit(main())

@@ -151,7 +151,8 @@ class ViewDataset(Dataset):
         sample = self.base[index]
         rng = np.random.default_rng([self.seed, epoch, index])
         views, geoms = self.sampler(sample["image"], rng)
-        out = {"views": views, "geometry": geoms, "index": index}
+        H, W = sample["image"].shape[-2:]
+        out = {"views": views, "geometry": geoms, "index": index, "source_size": (W, H)}
         for k in ("labels", "label"):  # targets for the online probe, when the dataset has them
             if k in sample:
                 out[k] = sample[k]
@@ -159,7 +160,8 @@ class ViewDataset(Dataset):
 
 
 def collate_views(samples: list[dict]) -> dict:
-    """uint8 views stacked per view slot; geometry as tensors: box (B,4), flip (B,)."""
+    """uint8 views stacked per view slot; geometry as tensors: box (B,4), flip (B,), and the
+    source images' source_size (B, 2) = (W, H)."""
     n_views = len(samples[0]["views"])
     batch = {
         "views": [torch.stack([s["views"][v] for s in samples]) for v in range(n_views)],
@@ -167,6 +169,8 @@ def collate_views(samples: list[dict]) -> dict:
         "flip": [torch.tensor([s["geometry"][v].flip for s in samples]) for v in range(n_views)],
         "index": torch.tensor([s["index"] for s in samples]),
     }
+    if "source_size" in samples[0]:  # (B, 2) = (W, H): pixel units of the boxes (PixPro's crop_coords=code)
+        batch["source_size"] = torch.stack([torch.as_tensor(s["source_size"], dtype=torch.float32) for s in samples])
     for k in ("labels", "label"):
         if k in samples[0]:
             batch[k] = torch.stack([torch.as_tensor(s[k]) for s in samples])

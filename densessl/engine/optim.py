@@ -1,8 +1,11 @@
 """Optimisers: one LARS, plus SGD and AdamW, with parameter groups chosen by parameter kind.
 
 Biases and normalisation parameters (every parameter with ndim <= 1) are excluded from weight
-decay and from the LARS trust ratio. The exclusion is by kind, not by name: name matching on
-"bn"/"bias" misses torchvision's `downsample.1` BatchNorms (see specs, LARS section).
+decay (`optim.wd_exclude_1d`) and from the LARS trust ratio (`optim.lars_exclude_1d`). The
+exclusion is by kind, not by name: name matching on "bn"/"bias" misses torchvision's
+`downsample.1` BatchNorms (see specs, LARS section). Setting a key to false reproduces code
+that treats every parameter alike: official MoCo's SGD decays all parameters; SwAV's LARC
+decays and adapts all parameters.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ class LARS(torch.optim.Optimizer):
         u = u * eta * ||p|| / ||u||      (trust ratio; 1 when either norm is 0)
         v = momentum * v + u
         p = p - lr * v
-    Groups with `lars_exclude=True` skip the trust ratio (their wd is set to 0 by the builder).
+    Groups with `lars_exclude=True` skip the trust ratio (`param_groups` sets each group's wd).
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 1e-3):
@@ -63,8 +66,10 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(modules: list[nn.Module] | nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights (decayed, LARS-adapted) and biases/norm parameters (neither)."""
+def param_groups(modules: list[nn.Module] | nn.Module, weight_decay: float, wd_exclude_1d: bool = True,
+                 lars_exclude_1d: bool = True) -> list[dict]:
+    """Two groups: weights (decayed, LARS-adapted) and biases/norm parameters (ndim <= 1: decayed
+    unless `wd_exclude_1d`, LARS-adapted unless `lars_exclude_1d`)."""
     modules = modules if isinstance(modules, (list, tuple)) else [modules]
     decay, no_decay = [], []
     for m in modules:
@@ -73,13 +78,14 @@ def param_groups(modules: list[nn.Module] | nn.Module, weight_decay: float) -> l
                 (no_decay if p.ndim <= 1 else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "lars_exclude": False, "wd_scale": 1.0},
-        {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, "wd_scale": 0.0},
+        {"params": no_decay, "weight_decay": 0.0 if wd_exclude_1d else weight_decay, "lars_exclude": lars_exclude_1d,
+         "wd_scale": 0.0 if wd_exclude_1d else 1.0},
     ]
 
 
 def build_optimizer(cfg, modules, lr: float) -> torch.optim.Optimizer:
     """`cfg` is an OptimConfig; `lr` the batch-scaled peak learning rate."""
-    groups = param_groups(modules, cfg.weight_decay)
+    groups = param_groups(modules, cfg.weight_decay, cfg.wd_exclude_1d, cfg.lars_exclude_1d)
     if cfg.name == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.eta)
     if cfg.name == "sgd":

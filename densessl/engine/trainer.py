@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -28,13 +27,14 @@ from densessl.data.augment import augment_batch
 from densessl.data.build import build_dataset
 from densessl.data.views import ResumableBatchSampler, ViewDataset, ViewSampler, collate_views
 from densessl.engine.optim import build_optimizer
+from densessl.engine.trackers import open_tracker, tracker_module
 from densessl.eval.monitor import KnnMonitor, probe_epoch_record
 from densessl.methods import build_method
 from densessl.models.backbones import build_backbone
 
 # Keys that may differ between a run and its resumption without changing the result.
-RESUME_FREE_KEYS = {"train.progress", "train.log_every", "train.tensorboard", "train.device", "data.num_workers",
-                    "train.ckpt_every", "train.keep_every", "train.dist_timeout_s"}
+RESUME_FREE_KEYS = {"train.progress", "train.log_every", "train.tensorboard", "train.tracker", "train.device",
+                    "data.num_workers", "train.ckpt_every", "train.keep_every", "train.dist_timeout_s"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -67,7 +67,7 @@ class TrainStep(nn.Module):
 def collapse_warning(first_z_std: float, z_std: float, ratio: float = 0.6) -> str | None:
     """A warning when the logged embedding std has fallen below `ratio` x its first value.
 
-    Chosen from the logged runs behind docs/results.md (min z_std / first z_std per run): every
+    Chosen from the logged runs behind docs/studies/2026-11-results-notebook.md (min z_std / first z_std per run): every
     run evaluated there stayed at 0.78 or above; the SwAV-family runs whose loss sat at ln K fell
     to 0.12-0.52 ("SwAV-family collapse"), as did one BYOL augmentation-sweep variant (0.40)."""
     if first_z_std > 0 and z_std < ratio * first_z_std:
@@ -108,6 +108,7 @@ class Trainer:
     def __init__(self, cfg: Config, dist_info: DistInfo | None = None):
         self.cfg = cfg
         self.dist = dist_info or init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+        tracker_module(cfg)  # a missing W&B / MLflow package: one line, on every rank, before any work
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         t = cfg.train
@@ -125,7 +126,7 @@ class Trainer:
         self.total_steps = t.epochs * self.steps_per_epoch
         self.local_batch = t.batch_size // self.dist.world_size
 
-        backbone = build_backbone(cfg.model.backbone, cfg.model.width)
+        backbone = build_backbone(cfg.model.backbone, cfg.model.width, cfg.model.zero_init_residual)
         self.method = build_method(cfg.method, backbone)
         sample = self.dataset[0]
         probe = None
@@ -161,7 +162,7 @@ class Trainer:
         self.knn_monitor = KnnMonitor(cfg.data, device, self.amp_dtype)
         self.step = 0
         self.log_file = None
-        self.writer = None
+        self.tracker = None  # train.tracker, opened by rank 0 (densessl/engine/trackers.py)
         self._first_z_std, self._collapse_warned = None, False
 
     # ------------------------------------------------------------------ state
@@ -225,20 +226,26 @@ class Trainer:
         own_views = self.method.view_dataset(self.dataset, self.cfg)  # None but for methods with their own (video)
         if own_views is not None:
             views, collate = own_views
+            if hasattr(views, "use_device"):  # frame pairs: a learned flow model (RAFT) runs on train.device's
+                views.use_device(self.dist.device)
         else:
             views, collate = ViewDataset(self.dataset, ViewSampler(self.cfg.views), seed=t.seed), collate_views
         sampler = ResumableBatchSampler(len(self.dataset), t.batch_size, self.steps_per_epoch, t.seed, epoch,
                                         start, self.dist.rank, self.dist.world_size,
                                         shard_sizes=getattr(self.dataset, "shard_sizes", None))  # data.dataset=shards
         nw = self.cfg.data.num_workers
+        # "spawn" where workers compute on CUDA (flows): a forked worker cannot use CUDA once this process has
+        context = getattr(views, "worker_start_method", None) if nw > 0 else None
         return DataLoader(views, batch_sampler=sampler, collate_fn=collate, num_workers=nw,
                           pin_memory=self.dist.device.type == "cuda", persistent_workers=False,
-                          prefetch_factor=4 if nw > 0 else None)
+                          prefetch_factor=4 if nw > 0 else None, multiprocessing_context=context)
 
     def _set_schedules(self) -> None:
         o = self.cfg.optim
         warmup = int(round(o.warmup_epochs * self.steps_per_epoch))
-        lr = warmup_cosine(self.step, self.total_steps, warmup, self.peak_lr, o.min_lr * self.cfg.train.batch_size / 256)
+        batch = self.cfg.train.batch_size
+        lr = warmup_cosine(self.step, self.total_steps, warmup, self.peak_lr, o.min_lr * batch / 256,
+                           o.warmup_start_lr * batch / 256)
         wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
         wd = warmup_cosine(self.step, self.total_steps, 0, o.weight_decay, wd_end)
         for g in self.optimizer.param_groups:
@@ -369,16 +376,7 @@ class Trainer:
             # the collapse warning compares with the run's first z_std, not the resumed one
             self._first_z_std = next((r["z_std"] for r in kept if "z_std" in r), None)
         self.log_file = open(path, "a")
-        if self.cfg.train.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-            except ImportError:  # metrics.jsonl holds the same records
-                self.writer = None
-                print("densessl: note: tensorboard is not installed, so no TensorBoard logs "
-                      "(pip install 'densessl[tensorboard]', or train.tensorboard=false to silence this)",
-                      file=sys.stderr)
+        self.tracker = open_tracker(self.cfg, self.run_dir)
 
     def _log(self, record: dict) -> None:
         if not self.dist.is_main:
@@ -391,10 +389,8 @@ class Trainer:
             elif (msg := collapse_warning(self._first_z_std, record["z_std"])) is not None:
                 print(f"step {record['step']}: {msg}", file=sys.stderr, flush=True)
                 self._collapse_warned = True
-        if self.writer is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step" and v is not None and math.isfinite(v):
-                    self.writer.add_scalar(f"train/{k}", v, record["step"])
+        if self.tracker is not None:  # the same record
+            self.tracker.log(record)
 
     def _knn_monitor(self) -> None:
         """The kNN monitor's record of the online backbone (rank 0; fashion_scenes runs only)."""
@@ -404,8 +400,8 @@ class Trainer:
     def _close_logs(self) -> None:
         if self.log_file:
             self.log_file.close()
-        if self.writer is not None:
-            self.writer.close()
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 def _to_device(batch: dict, device) -> dict:

@@ -29,7 +29,7 @@ def load_backbone(spec: str, cfg: EvalBackboneConfig) -> tuple[Backbone, str]:
         init_seed = cfg.init_seed()
         torch.manual_seed(init_seed)
         try:
-            backbone = build_backbone(cfg.model.backbone, cfg.model.width)
+            backbone = build_backbone(cfg.model.backbone, cfg.model.width, cfg.model.zero_init_residual)
         except ValueError as e:
             raise ConfigError(f"model: {e}") from None
         return backbone, f"random-init {cfg.model.backbone} (seed {init_seed})"

@@ -22,6 +22,9 @@ Faithful to chunyen5927/GAELLE @ fe2e8fb (specs/methods-swav-ssprl-gaelle.md, se
   `--alpha` is never used); the three prototype banks are re-normalised before each forward
   and frozen together for `freeze_prototypes_iters`.
 
+`attn_source` and `l2g_input` default to the code's choices (the global head at every position;
+the token embeddings); `own_head` and `scores` are the alternatives the spec asks to expose.
+
 The local queue (`local_queue_length`, 0 in the released command) is scored with the local
 prototypes; the code's bug of scoring it with the global prototypes is not reproduced.
 The token permutation comes from a generator seeded by (shuffle_seed, step, view), identical
@@ -49,6 +52,10 @@ from densessl.methods.prototypes import EmbeddingQueue, PrototypeMethod, device_
 from densessl.models.heads import mlp
 
 
+ATTN_SOURCES = ("global_head", "own_head")
+L2G_INPUTS = ("embeddings", "scores")
+
+
 @dataclass
 class GAELLEConfig:
     name: str = "gaelle"
@@ -72,6 +79,21 @@ class GAELLEConfig:
     local_queue_length: int = 0  # tokens per view; 0: none (the released command)
     epoch_queue_starts: int = 7
     shuffle_seed: int = 0
+    # the head run at every position for the attention maps: global_head (the code) | own_head (a
+    # separate head of the same shape, so the global head's BN sees no per-position calls)
+    attn_source: str = "global_head"
+    # the cross-view term's input, per view: the mean of the token embeddings (the code) | scores:
+    # the mean of the tokens' cosines to the local prototypes (SS-PRL's correlation learner)
+    l2g_input: str = "embeddings"
+
+    def __post_init__(self):
+        from densessl.config import ConfigError
+
+        if self.attn_source not in ATTN_SOURCES:
+            raise ConfigError(f"key 'method.attn_source' expects one of {', '.join(ATTN_SOURCES)}, "
+                              f"got {self.attn_source!r}")
+        if self.l2g_input not in L2G_INPUTS:
+            raise ConfigError(f"key 'method.l2g_input' expects one of {', '.join(L2G_INPUTS)}, got {self.l2g_input!r}")
 
 
 # ---------------------------------------------------------------- attention (pure functions)
@@ -118,8 +140,9 @@ def shuffled_token_loss(codes: torch.Tensor, pred: torch.Tensor, perm: torch.Ten
 
 def cross_view_loss(token_z: torch.Tensor, learner: nn.Linear, global_codes: list[torch.Tensor],
                     temperature: float, detach: bool) -> torch.Tensor:
-    """L_l2g: token_z (V, B, T, d) unit embeddings; each view's normalised token mean, through
-    the learner, predicts every global code; averaged over codes and views."""
+    """L_l2g: token_z (V, B, T, d) per-token inputs (unit embeddings, or local-prototype scores
+    with `l2g_input: scores`); each view's normalised token mean, through the learner, predicts
+    every global code; averaged over codes and views."""
     u = F.normalize(token_z.mean(dim=2), dim=-1)
     if detach:
         u = u.detach()
@@ -146,10 +169,13 @@ class GAELLE(PrototypeMethod):
         self.prototypes = prototypes(cfg.proj_dim, cfg.num_prototypes)
         self.local_head = mlp(C, cfg.local_hidden_dim, cfg.local_dim)
         self.local_prototypes = prototypes(cfg.local_dim, cfg.num_local_prototypes)
-        self.l2g_prototypes = prototypes(cfg.local_dim, cfg.num_prototypes)
+        l2g_in = cfg.local_dim if cfg.l2g_input == "embeddings" else cfg.num_local_prototypes
+        self.l2g_prototypes = prototypes(l2g_in, cfg.num_prototypes)
         self.queue = EmbeddingQueue(2, cfg.queue_length, cfg.proj_dim) if cfg.queue_length > 0 else None
         self.local_queue = EmbeddingQueue(2, cfg.local_queue_length, cfg.local_dim) \
             if cfg.local_queue_length > 0 else None
+        # built last, so the default's modules draw the same random init as before
+        self.attn_head = mlp(C, cfg.proj_hidden_dim, cfg.proj_dim) if cfg.attn_source == "own_head" else None
 
     @property
     def tokens(self) -> int:
@@ -203,7 +229,8 @@ class GAELLE(PrototypeMethod):
 
         # semantic attention on the two assignment views -> T tokens each
         fmap = torch.cat([maps[a] for a in cfg.crops_for_assign])  # (2B, C, h, w)
-        attn = attention_maps(head_per_position(self.projector, fmap), cfg.attn_temperature)
+        attn_head = self.projector if cfg.attn_source == "global_head" else self.attn_head
+        attn = attention_maps(head_per_position(attn_head, fmap), cfg.attn_temperature)
         tok = group_tokens(fmap.flatten(2), attn, cfg.groups)  # (2B, T, C)
         T = tok.shape[1]
         zl = self.embed(self.local_head, tok.reshape(2 * B * T, -1))
@@ -225,7 +252,8 @@ class GAELLE(PrototypeMethod):
         return {
             "glb": swapped_prediction_loss(codes, list(scores), cfg.crops_for_assign, cfg.temperature),
             "local": local / 2,
-            "l2g": cross_view_loss(zl, self.l2g_prototypes, codes, cfg.temperature, cfg.cross_view_detach),
+            "l2g": cross_view_loss(zl if cfg.l2g_input == "embeddings" else sl, self.l2g_prototypes, codes,
+                                   cfg.temperature, cfg.cross_view_detach),
             "usage_entropy": usage_entropy(scores[cfg.crops_for_assign[0]]),
             "usage_entropy_local": usage_entropy(sl[0].reshape(B * T, -1)),
             "attn_entropy": attention_entropy(attn),

@@ -23,7 +23,8 @@ cosine momentum m(k) for k = that step (densessl.methods.momentum). Parameters o
 target runs in train mode. The networks and the forward are in densessl.methods.pixpro_core.
 
 Both views go through each network in one call when they share a resolution, so BN
-statistics are over both views (the official code runs them one view at a time).
+statistics are over both views (the official code runs them one view at a time:
+`bn_per_view: true`). `crop_coords: code` normalises the crops as the code, j / (W - 1).
 Distributed: nothing is gathered across ranks (PixContrast's negatives are the local batch).
 """
 from __future__ import annotations
@@ -39,6 +40,10 @@ class PixPro(PixProCore):
 
     def positive_masks(self, batch, grid1, grid2):
         flips = batch.get("flip") or [None, None]
+        size = batch.get("source_size")
+        if self.cfg.crop_coords == "code" and size is None:
+            raise ValueError("method.crop_coords=code needs batch['source_size'] (the source images' width and "
+                             "height; collate_views adds it)")
         mask = pixpro_positive_mask(batch["box"][0], flips[0], batch["box"][1], flips[1], grid1, grid2,
-                                    self.cfg.pos_threshold)
+                                    self.cfg.pos_threshold, self.cfg.crop_coords, size)
         return mask, mask.transpose(1, 2), {}

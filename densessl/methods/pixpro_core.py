@@ -13,7 +13,8 @@ EMA: as in the official code, the target is updated before each step's target pa
 cosine momentum m(k), k = that step; densessl.methods.momentum runs it right after the
 previous optimiser step (the same result). Parameters only; the target runs in train mode.
 Both views go through each network in one call when they share a resolution, so BN
-statistics are over both views (the official code runs them one view at a time).
+statistics are over both views; `bn_per_view: true` runs one view at a time, as the official
+code (BN statistics per view).
 """
 from __future__ import annotations
 
@@ -47,9 +48,14 @@ class PixProConfig:
     ins_loss_weight: float = 0.0  # instance branch weight (0 in the released scripts; 1 for PixPro*)
     tau: float = 0.3  # PixContrast temperature
     pixcontrast_negatives: str = "batch"  # batch | image
+    bn_per_view: bool = False  # true: each network runs one view per call, BN statistics per view (the code)
+    # crop box behind the positives: edges (x0 = j / W, x1 = (j + w) / W, the geometry record) |
+    # code (j / (W - 1), (j + w - 1) / (W - 1), the official code's). Image variant only.
+    crop_coords: str = "edges"
 
     def __post_init__(self):
         from densessl.config import ConfigError
+        from densessl.data.geometry import CROP_COORDS
 
         if self.mode not in MODES:
             raise ConfigError(f"key 'method.mode' expects one of {', '.join(MODES)}, got {self.mode!r}")
@@ -58,6 +64,8 @@ class PixProConfig:
                               f"got {self.pixcontrast_negatives!r}")
         if self.ppm_transform_layers not in (0, 1, 2):
             raise ConfigError(f"key 'method.ppm_transform_layers' expects 0, 1 or 2, got {self.ppm_transform_layers!r}")
+        if self.crop_coords not in CROP_COORDS:
+            raise ConfigError(f"key 'method.crop_coords' expects one of {', '.join(CROP_COORDS)}, got {self.crop_coords!r}")
         if self.tau <= 0:
             raise ConfigError(f"key 'method.tau' expects a positive temperature, got {self.tau!r}")
 
@@ -129,8 +137,14 @@ class PixProCore(MomentumMethod):
             pairs.append((self.target_projector_instance, self.projector_instance))
         return pairs
 
+    def _per_call(self, fn, views):
+        """fn over the views: one call per resolution (BN over both views), or per view (`bn_per_view`)."""
+        if self.cfg.bn_per_view:
+            return [fn(v) for v in views]
+        return forward_by_resolution(fn, views)
+
     def _c5(self, backbone, views):
-        return forward_by_resolution(lambda x: backbone(x, stages=("c5",))["c5"], views)
+        return self._per_call(lambda x: backbone(x, stages=("c5",))["c5"], views)
 
     def positive_masks(self, batch: dict, grid1, grid2) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(view-1 x view-2 positives (B, N1, N2), view-2 x view-1 positives (B, N2, N1), statistics)."""
@@ -143,14 +157,14 @@ class PixProCore(MomentumMethod):
             raise ValueError("PixPro needs the views' geometry: batch['box'] (and batch['flip']), one per view")
         cfg = self.cfg
         f1, f2 = self._c5(self.backbone, views)
-        x1, x2 = forward_by_resolution(self.projector, [f1, f2])
+        x1, x2 = self._per_call(self.projector, [f1, f2])
         mask12, mask21, stats = self.positive_masks(batch, tuple(f1.shape[-2:]), tuple(f2.shape[-2:]))
         with torch.no_grad():
             g1, g2 = self._c5(self.target_backbone, views)
             k1, k2 = (F.normalize(k.float(), dim=1).flatten(2)
-                      for k in forward_by_resolution(self.target_projector, [g1, g2]))
+                      for k in self._per_call(self.target_projector, [g1, g2]))
         if cfg.mode == "pixpro":
-            q1, q2 = (y.flatten(2) for y in forward_by_resolution(self.ppm, [x1, x2]))
+            q1, q2 = (y.flatten(2) for y in self._per_call(self.ppm, [x1, x2]))
             dense = pixpro_loss(q1, q2, k1, k2, mask12, mask21)
         else:
             q1, q2 = (F.normalize(x.float(), dim=1).flatten(2) for x in (x1, x2))
@@ -166,10 +180,10 @@ class PixProCore(MomentumMethod):
         }
         loss = dense
         if self.use_instance:
-            y1, y2 = forward_by_resolution(self.projector_instance, [f1, f2])
-            p1, p2 = (p.mean(dim=(2, 3)) for p in forward_by_resolution(self.predictor, [y1, y2]))
+            y1, y2 = self._per_call(self.projector_instance, [f1, f2])
+            p1, p2 = (p.mean(dim=(2, 3)) for p in self._per_call(self.predictor, [y1, y2]))
             with torch.no_grad():
-                z1, z2 = (z.mean(dim=(2, 3)) for z in forward_by_resolution(self.target_projector_instance, [g1, g2]))
+                z1, z2 = (z.mean(dim=(2, 3)) for z in self._per_call(self.target_projector_instance, [g1, g2]))
             ins = instance_regression(p1, z2) + instance_regression(p2, z1)
             loss = loss + cfg.ins_loss_weight * ins
             out["instance"] = ins.detach()

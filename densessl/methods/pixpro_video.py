@@ -2,7 +2,7 @@
 variant of PixPro; specs, PixPro section 3.8).
 
 View 1 is a crop of frame t, view 2 a crop of frame t + (nframes - 1) * stride of the same
-video (densessl.data.video.FramePairViews). Positives (densessl.data.geometry.flow_positive_mask):
+video (densessl.data.frame_pairs.FramePairViews). Positives (densessl.data.geometry.flow_positive_mask):
 each view-1 C5 cell centre, in source-frame coordinates, is moved by the chained forward flow
 t -> t+k and compared with view 2's cell centres; distance / max of the two views' cell
 diagonals < `pos_threshold` (strict), and only where the forward-backward check of the flow
@@ -66,9 +66,12 @@ class PixProVideoConfig(PixProConfig):
     def __post_init__(self):
         from densessl.config import ConfigError
         from densessl.data.flow import MASK_UNITS
-        from densessl.data.video import FLOW_SOURCES
+        from densessl.data.frame_pairs import FLOW_SOURCES
 
         super().__post_init__()
+        if self.crop_coords != "edges":
+            raise ConfigError(f"key 'method.crop_coords' applies to method.name=pixpro only (got {self.crop_coords!r}); "
+                              f"the video variant's positives take method.distance_units")
         if isinstance(self.video, dict):
             from densessl.config import from_dict
 
@@ -135,7 +138,7 @@ class PixProVideo(PixProCore):
     # ------------------------------------------------------------------ data hooks
 
     def view_dataset(self, dataset, cfg):
-        """Frame pairs of the video source the trainer built (densessl.data.video), and their collate."""
-        from densessl.data.video import build_frame_pairs, collate_frame_pairs
+        """Frame pairs of the video source the trainer built (densessl.data.video), as frame pairs (densessl.data.frame_pairs), and their collate."""
+        from densessl.data.frame_pairs import build_frame_pairs, collate_frame_pairs
 
         return build_frame_pairs(dataset, cfg.views, cfg.train.seed, self.cfg.video), collate_frame_pairs

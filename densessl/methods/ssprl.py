@@ -21,6 +21,8 @@ level's patch slots in `grids` order. All slots go through `forward_by_resolutio
 patches that share a resolution share one backbone call and its BN statistics (the code makes
 one call per run of equal widths: at paper scale its 96-px small crops and 96-px 3x3 patches
 are separate calls); the structured slots replace the code's fragile width-run slicing.
+`separate_level_calls: true` reproduces the code's calls: the crops and each patch level go
+through the backbone separately (per resolution within each), 4 calls at paper scale, not 3.
 
 Queues (embeddings z, re-scored each step against the current prototypes of their level):
 each queue is used once it is full (`faithful: false`); `faithful: true` reproduces the code's
@@ -69,6 +71,9 @@ class SSPRLConfig:
     local_queue_lengths: tuple[int, ...] = (5000, 5000)  # per level (per patch view); 0: none
     epoch_queue_starts: int = 80
     faithful: bool = False  # true: the code's shared queue flag
+    # true: the crops and each patch level get their own backbone calls and BN statistics, as the
+    # code (4 calls at paper scale); false: slots of one resolution share a call (3 calls)
+    separate_level_calls: bool = False
 
 
 def pool_patch_scores(scores: torch.Tensor, cells: int) -> torch.Tensor:
@@ -154,7 +159,12 @@ class SSPRL(PrototypeMethod):
         cfg = self.cfg
         n_glob, levels = self.split_views(views)
         self.normalize_prototypes_()
-        h = forward_by_resolution(self.backbone.pool, views)
+        if cfg.separate_level_calls:
+            h = []
+            for first, n in [(0, n_glob), *levels]:
+                h += forward_by_resolution(self.backbone.pool, views[first:first + n])
+        else:
+            h = forward_by_resolution(self.backbone.pool, views)
         B = views[0].shape[0]
         L_glob, L_loc, use_glob, use_loc = self.queue_plan(B)
         pushing = self.queue_started()

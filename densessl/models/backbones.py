@@ -81,12 +81,26 @@ BACKBONES = {
 }
 
 
-def build_backbone(name: str, width: int | None = None) -> Backbone:
+def zero_init_residual_(net: nn.Module) -> None:
+    """Set the last BN gamma of every residual block to 0 (torchvision's `zero_init_residual`):
+    each block starts as the identity. PixPro's code does this; the init of everything else and
+    the random draws are unchanged."""
+    for m in net.modules():
+        if isinstance(m, Bottleneck):
+            nn.init.zeros_(m.bn3.weight)
+        elif isinstance(m, BasicBlock):
+            nn.init.zeros_(m.bn2.weight)
+
+
+def build_backbone(name: str, width: int | None = None, zero_init_residual: bool = False) -> Backbone:
     """Build a backbone by name; `width` applies to the *_small variants only."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(BACKBONES)}")
     if width is not None and not name.endswith("_small") and width != 64:
         raise ValueError(f"backbone {name!r} has torchvision's fixed widths; 'width' applies to *_small only")
-    backbone = Backbone(BACKBONES[name](width), name)
+    net = BACKBONES[name](width)
+    if zero_init_residual:
+        zero_init_residual_(net)
+    backbone = Backbone(net, name)
     use_small_map_convs(backbone)  # CPU: 3x3 convs on 2x2 maps as one GEMM (same weights, same math)
     return backbone

@@ -217,3 +217,51 @@ def test_torchvision_raft_with_user_weights(tmp_path):
     model = fl.build_flow_model("raft_small", str(path))
     out = model(torch.randint(0, 255, (3, 130, 132), dtype=torch.uint8), torch.randint(0, 255, (3, 130, 132), dtype=torch.uint8))
     assert out.shape == (2, 130, 132) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_raft_runs_on_the_device_asked_for_with_the_users_weights(tmp_path, device):
+    """A randomly initialised torchvision RAFT saved to a file stands in for the user's weights."""
+    import pickle
+
+    from torchvision.models.optical_flow import raft_small
+
+    torch.manual_seed(1)
+    net = raft_small(weights=None).eval()
+    path = tmp_path / "raft_small.pth"
+    torch.save(net.state_dict(), path)
+    a, b = (torch.randint(0, 255, (3, 128, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(k))
+            for k in (0, 1))
+    model = fl.build_flow_model("raft_small", str(path), device=device)
+    assert model.device == torch.device(device)
+    out = model(a, b)
+    params = {p.device.type for p in model.module.parameters()}
+    assert params == {device} and out.device.type == "cpu"  # computed there, returned on the CPU like OpenCV's
+    with torch.no_grad():  # the file's weights, not a fresh initialisation
+        ref = net(a[None].float() / 127.5 - 1, b[None].float() / 127.5 - 1, num_flow_updates=12)[-1][0]
+    assert torch.allclose(out, ref, atol=1e-3 if device == "cuda" else 1e-5)
+    # to(): moves on the next call; a pickled copy (a data-loader worker's) carries CPU weights
+    model.to("cpu")
+    model(a, b)
+    assert {p.device.type for p in model.module.parameters()} == {"cpu"}
+    copy = pickle.loads(pickle.dumps(model.to(device)))
+    assert {p.device.type for p in copy.module.parameters()} == {"cpu"} and copy.device == torch.device(device)
+    assert torch.allclose(copy(a, b), out, atol=1e-3 if device == "cuda" else 1e-5)
+    assert {p.device.type for p in copy.module.parameters()} == {device}
+    # OpenCV's models stay on the CPU whatever the device
+    assert fl.build_flow_model("dis", device=device).device == torch.device("cpu")
+
+
+def test_raft_device_argument_is_honoured_without_a_gpu(tmp_path):
+    # "meta" stands in for a second device on a CPU-only machine: the weights must go there on the
+    # first call (where computing then fails: meta tensors have no values), not stay on the CPU
+    from torchvision.models.optical_flow import raft_small
+
+    path = tmp_path / "raft_small.pth"
+    torch.save(raft_small(weights=None).state_dict(), path)
+    model = fl.build_flow_model("raft_small", str(path), device="meta")
+    frame = torch.zeros(3, 128, 128, dtype=torch.uint8)
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        model(frame, frame)
+    assert {p.device.type for p in model.module.parameters()} == {"meta"}

@@ -7,8 +7,9 @@ from PIL import Image
 from densessl.config import ViewConfig
 from densessl.data import flow as fl
 from densessl.data.moving_scenes import MovingSceneFrames, MovingScenes, moving_scenes_segmentation
-from densessl.data.video import (FramePairViews, VideoFrames, VideoReadError,
-                                 collate_frame_pairs, precompute_flows)
+from densessl.data.frame_pairs import FramePairViews, collate_frame_pairs
+from densessl.data.precompute_flows import precompute_flows
+from densessl.data.video import VideoFrames, VideoReadError
 
 GROUPS = [ViewConfig(size=32, scale=(0.3, 1.0)), ViewConfig(size=32, scale=(0.3, 1.0))]
 
@@ -82,6 +83,108 @@ def test_video_files_through_opencv(tmp_path):
     assert clip.shape == (2, 3, 24, 32)
     blue = clip[:, 2].float().mean((1, 2))  # RGB order: channel 2 is blue
     assert abs(float(blue[0]) - 40) < 6 and abs(float(blue[1]) - 160) < 6 and float(clip[:, 0].float().mean()) < 6
+
+
+def write_ffv1(path, frames):
+    """A lossless FFV1 .avi of `frames` (RGB uint8 (T, H, W, 3)); skips where OpenCV cannot write it."""
+    cv2 = pytest.importorskip("cv2")
+    T, H, W, _ = frames.shape
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), 10, (W, H))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write FFV1")
+    for f in frames:
+        writer.write(np.ascontiguousarray(f[:, :, ::-1]))  # OpenCV writes BGR
+    writer.release()
+    return cv2
+
+
+def test_video_file_frames_read_by_index_equal_the_frames_written(tmp_path, monkeypatch):
+    # FFV1 is lossless: what is read back must be bit-identical to what was written, so a frame
+    # off by one index (or a colour-order slip) fails. Random noise frames: no two alike.
+    frames = np.random.default_rng(0).integers(0, 256, (40, 24, 32, 3), dtype=np.uint8)
+    cv2 = write_ffv1(tmp_path / "noise.avi", frames)
+    ds = VideoFrames(tmp_path)
+    assert ds.num_frames(0) == 40
+    decoded = []
+    capture = cv2.VideoCapture
+
+    class CountingCapture:  # counts frames decoded (grab) and converted (read); wraps, as cv2's class
+        def __init__(self, path):  # does not take Python subclasses well
+            self.cap = capture(path)
+
+        def __getattr__(self, name):
+            return getattr(self.cap, name)
+
+        def grab(self):
+            decoded.append("grab")
+            return self.cap.grab()
+
+        def read(self):
+            decoded.append("read")
+            return self.cap.read()
+
+    monkeypatch.setattr(cv2, "VideoCapture", CountingCapture)
+    ids = [38, 12, 15, 27, 15]  # any order, a repeat, far apart (seeks) and close (grabs)
+    clip = ds.read_clip(0, ids)["frames"]
+    assert torch.equal(clip, torch.from_numpy(frames[ids]).permute(0, 3, 1, 2))
+    # one conversion per distinct frame; seeks to 12, 27 and 38 (more than SEEK_GAP = 8 ahead);
+    # 12 -> 15 grabs 13 and 14; nothing before 12, between 15 and 27 or 27 and 38, or past 38
+    assert decoded == ["read", "grab", "grab", "read", "read", "read"]
+
+
+def test_frame_pairs_read_only_the_frames_they_need(tmp_path):
+    root = tmp_path / "videos"
+    write_frames(root / "v", 10, h=16, w=24)
+
+    class CountingSource:  # records the frame ids of every read
+        def __init__(self, source):
+            self.source, self.reads = source, []
+            self.has_gt_flow = getattr(source, "has_gt_flow", False)
+
+        def __len__(self):
+            return len(self.source)
+
+        def num_frames(self, i):
+            return self.source.num_frames(i)
+
+        def video_key(self, i):
+            return self.source.video_key(i)
+
+        def read_clip(self, i, ids):
+            self.reads.append(list(ids))
+            return self.source.read_clip(i, ids)
+
+    src = CountingSource(VideoFrames(root))
+    cache = fl.FlowCache(tmp_path / "cache")
+    ds = FramePairViews(src, GROUPS, seed=0, nframes=4, stride=2, flow=ShiftFlow(), cache=cache)
+    t = ds.frame_ids(np.random.default_rng([0, 0, 0]), 0)[0]
+    ShiftFlow.calls = 0
+    first = ds[(0, 0)]  # nothing cached: the views' frames, then the two frames between for the flows
+    assert src.reads == [[t, t + 6], [t + 2, t + 4]] and ShiftFlow.calls == 6
+    src.reads.clear()
+    again = ds[(0, 0)]  # all six flows cached: only the views' two frames
+    assert src.reads == [[t, t + 6]] and ShiftFlow.calls == 6
+    assert all(torch.equal(a, b) for a, b in zip(first["views"], again["views"]))
+    assert torch.equal(first["flow"], again["flow"]) and torch.equal(first["flow_back"], again["flow_back"])
+    src.reads.clear()
+    cache.path("shift", "v", t + 4, t + 2).unlink()  # one backward flow missing: its two frames are read
+    ds[(0, 0)]
+    assert src.reads == [[t, t + 6], [t + 2, t + 4]] and ShiftFlow.calls == 7
+    src.reads.clear()
+    cache.path("shift", "v", t + 2, t).unlink()  # a pair with a view frame: only the other one is read
+    ds[(0, 0)]
+    assert src.reads == [[t, t + 6], [t + 2]] and ShiftFlow.calls == 8
+    for nframes in (4, 1):  # no flow: the first and last frames (one frame for nframes=1)
+        src.reads.clear()
+        plain = FramePairViews(src, GROUPS, seed=0, nframes=nframes, stride=2, flow="none")
+        plain[(0, 0)]
+        ids = plain.frame_ids(np.random.default_rng([0, 0, 0]), 0)
+        assert src.reads == [sorted({ids[0], ids[-1]})] and len(src.reads[0]) == min(nframes, 2)
+    # exact flows come from every frame of the chain
+    ms = CountingSource(MovingScenes(num_videos=2, size=32, num_frames=10))
+    gt = FramePairViews(ms, GROUPS, seed=0, nframes=4, stride=2, flow="gt")
+    gt[(0, 1)]
+    assert ms.reads == [gt.frame_ids(np.random.default_rng([0, 0, 1]), 1)]
 
 
 # ----------------------------------------------------------------------------- moving scenes
@@ -238,3 +341,16 @@ def test_segmentation_items_from_moving_scenes():
     assert len(items) == 5 and classes[0] == "background" and len(classes) == 11
     assert items[0]["image"].shape == (3, 32, 32) and items[0]["mask"].dtype == torch.int64
     assert int(max(int(it["mask"].max()) for it in items)) <= 10
+
+
+def test_densessl_data_flows_fills_the_cache_training_reads(tmp_path, capsys):
+    from densessl.cli import main
+
+    root = tmp_path / "videos"
+    write_frames(root / "a", 3, h=16, w=24)
+    write_frames(root / "b", 4, h=16, w=24)
+    assert main(["data", "flows", str(root), "--cache", str(tmp_path / "cache"), "--flow", "farneback"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"{2 * (2 + 3)} flows in {tmp_path / 'cache'}")  # pairs x 2 ways
+    assert len([p for p in (tmp_path / "cache").rglob("*") if p.is_file()]) == 2 * (2 + 3)  # one file per flow
+    assert main(["data", "flows", str(root), "--cache", str(tmp_path / "c2"), "--shard", "2/2"]) == 2
+    assert "--shard '2/2': expected 0 <= k < n" in capsys.readouterr().err

@@ -105,5 +105,5 @@ def test_checkpoint_spec_writes_next_to_the_run(tmp_path):
     args = [a for a in TINY if not a.startswith("model.")]
     assert main(["eval", "detection", str(ckpt), *args, "data.num_workers=1"]) == 0
     r = json.loads((tmp_path / "run" / "eval" / "detection.json").read_text())
-    assert r["backbone"] == str(ckpt) and r["detection"]["settings"]["model"] == {"backbone": "resnet18_small",
-                                                                                  "width": 8}
+    assert r["backbone"] == str(ckpt) and r["detection"]["settings"]["model"] == {
+        "backbone": "resnet18_small", "width": 8, "zero_init_residual": False}

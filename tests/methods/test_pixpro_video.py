@@ -178,3 +178,72 @@ def test_trainer_with_estimated_flow_and_cache(tmp_path):
     assert len(list(cache.rglob("*.npy"))) == 2 * 2 * 16  # 2 steps x 16 clips, forward and backward
     with pytest.raises(ValueError, match="video"):
         Trainer(build_config("pixpro-scenes", TINY + ["data.dataset=moving_scenes", f"run_dir={tmp_path / 'other'}"]))
+
+
+# ----------------------------------------------------------------------------- real video: frame folders
+
+
+def write_moving_frames(root, videos=4, frames=6, h=32, w=40):
+    """Folders of PNG frames: a random texture that moves 1 px right per frame."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for v in range(videos):
+        texture = rng.integers(0, 256, (h, w + frames, 3), dtype=np.uint8)
+        (root / f"clip{v}").mkdir(parents=True)
+        for k in range(frames):
+            Image.fromarray(texture[:, frames - k:frames - k + w]).save(root / f"clip{v}" / f"{k:04d}.png")
+
+
+def test_pretrain_on_frame_folders_through_the_cli(tmp_path):
+    import json
+
+    import numpy as np
+
+    from densessl.cli import main
+    from densessl.data.flow import FlowCache
+    from densessl.data.frame_pairs import FramePairViews
+
+    root, cache, run = tmp_path / "frames", tmp_path / "flows", tmp_path / "run"
+    write_moving_frames(root)
+    video = ["method.video.nframes=3", "method.video.flow=dis", f"method.video.flow_cache={cache}",
+             "method.video.items_per_video=4"]  # 4 videos x 4 items: 16 items, 2 batches of 8 per epoch
+    code = main(["pretrain", "pixpro-video-scenes", *TINY, "data.dataset=video_frames", f"data.root={root}",
+                 "train.batch_size=8", *video, f"run_dir={run}"])
+    assert code == 0 and (run / "checkpoints" / "last.pt").is_file()
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in steps)
+    assert all(r["flow_magnitude"] > 0.5 for r in steps)  # the texture moves 2 px between frames t and t+2
+    # the cache holds exactly the flows of the frame pairs drawn: both epochs use all 16 items
+    cfg = build_config("pixpro-video-scenes", TINY + ["data.dataset=video_frames", f"data.root={root}", *video])
+    views = FramePairViews(Trainer(cfg).dataset, cfg.views, cfg.train.seed, nframes=3, flow="none")
+    files, want = FlowCache(cache), set()
+    for epoch in range(2):
+        for i in range(16):
+            ids = views.frame_ids(np.random.default_rng([cfg.train.seed, epoch, i]), i)
+            key = views.source.video_key(i)
+            assert key == f"clip{i // 4}@32"  # frames' shorter side resized to data.size
+            for a, b in zip(ids, ids[1:]):
+                want |= {files.path("opencv-dis-medium", key, a, b), files.path("opencv-dis-medium", key, b, a)}
+    assert set(cache.rglob("*.npy")) == want and len(want) > 8
+
+
+def test_learned_flow_runs_on_the_training_device(tmp_path):
+    from torchvision.models.optical_flow import raft_small
+
+    weights = tmp_path / "raft_small.pth"
+    torch.save(raft_small(weights=None).state_dict(), weights)
+    root = tmp_path / "frames"
+    write_moving_frames(root, videos=2)
+    cfg = build_config("pixpro-video-scenes", TINY + [
+        "data.dataset=video_frames", f"data.root={root}", "method.video.items_per_video=8", "data.num_workers=1",
+        "train.device=cpu", "method.video.flow=raft_small", f"method.video.flow_weights={weights}",
+        f"run_dir={tmp_path / 'run'}"])
+    trainer = Trainer(cfg)
+    loader = trainer.loader(0)
+    assert loader.dataset.flow.device == trainer.dist.device == torch.device("cpu")
+    assert loader.multiprocessing_context is None  # CPU flows: the default (fork) workers
+    loader.dataset.use_device("cuda")  # nothing touches CUDA until a flow is computed
+    assert loader.dataset.flow.device == torch.device("cuda") and loader.dataset.worker_start_method == "spawn"

@@ -80,7 +80,7 @@ def test_sinkhorn_constant_scores_give_uniform_codes_and_large_scores_do_not_ove
 
 
 def test_collapsed_embeddings_are_a_fixed_point_at_ln_k():
-    """The failure docs/results.md measured on 64-px scenes: identical embeddings give identical
+    """The failure docs/studies/2026-11-results-notebook.md measured on 64-px scenes: identical embeddings give identical
     score rows, Sinkhorn returns uniform codes (however peaked each row is), and a prediction
     that is uniform too costs exactly ln K with zero gradient: nothing pulls the run out."""
     K, B = 12, 16
