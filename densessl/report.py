@@ -80,17 +80,19 @@ def verdict(rows: list[dict], claim: Claim) -> dict:
     return {"a": a, "b": b, "welch": w, "verdict": text}
 
 
-def _pct(x: float) -> str:
-    return "" if x is None or math.isnan(x) else f"{100 * x:.1f}"
+def _pct(x: float, scale: float = 100.0) -> str:
+    return "" if x is None or math.isnan(x) else f"{scale * x:.1f}"
 
 
-def _cell(xs: list[float], random: list[float], is_random: bool = False) -> str:
+def _cell(xs: list[float], random: list[float], is_random: bool = False, scale: float = 100.0) -> str:
+    """A table cell in points: mean ± 95% half-width (n) and the mark; the random row's range."""
     if not xs:
         return "-"
     if is_random:
-        return f"{_pct(min(xs))}-{_pct(max(xs))} (n={len(xs)})"
+        return f"{_pct(min(xs), scale)}-{_pct(max(xs), scale)} (n={len(xs)})"
     m, h = interval(xs)
-    return f"{_pct(m)}" + (f" ± {_pct(h)}" if h is not None else "") + f" (n={len(xs)}) {mark(xs, random)}".rstrip()
+    return (f"{_pct(m, scale)}" + (f" ± {_pct(h, scale)}" if h is not None else "")
+            + f" (n={len(xs)}) {mark(xs, random)}".rstrip())
 
 
 def run_names(study: Study, protocol: str | None = None) -> list[str]:
@@ -115,11 +117,11 @@ def render(study: Study, rows: list[dict], table: Path, figure: str | None) -> s
                   "|---|---|---|---|---|---|---|"]
         for c in study.claims:
             v = verdict(rows, c)
-            diff = "-" if v["welch"] is None else (f"{100 * v['welch'][0]:+.1f} [{100 * v['welch'][1]:+.1f}, "
-                                                   f"{100 * v['welch'][2]:+.1f}]")
+            w, k = v["welch"], c.scale
+            diff = "-" if w is None else f"{k * w[0]:+.1f} [{k * w[1]:+.1f}, {k * w[2]:+.1f}]"
             random = values(rows, "random", c.protocol, c.metric)
-            lines.append(f"| {c.claim} | {c.protocol}: `{c.metric}` | {c.better} {_cell(v['a'], random)} | "
-                         f"{c.worse} {_cell(v['b'], random, c.worse == 'random')} | {diff} | {v['verdict']} | "
+            lines.append(f"| {c.claim} | {c.protocol}: `{c.metric}` | {c.better} {_cell(v['a'], random, scale=k)} | "
+                         f"{c.worse} {_cell(v['b'], random, c.worse == 'random', k)} | {diff} | {v['verdict']} | "
                          f"{c.source} |")
         lines.append("")
     lines += ["## Per protocol", "",
@@ -138,7 +140,7 @@ def render(study: Study, rows: list[dict], table: Path, figure: str | None) -> s
         for run in run_names(study, proto):
             epochs = {r["epochs"] for r in rows if r["run"] == run and r["protocol"] == proto}
             cells = [_cell(values(rows, run, proto, m.metric), values(rows, "random", proto, m.metric),
-                           run == "random") for m in metrics]
+                           run == "random", m.scale) for m in metrics]
             lines.append(f"| {run} | {','.join(str(e) for e in sorted(epochs)) or '-'} | " + " | ".join(cells) + " |")
         lines.append("")
     if figure is not None:
@@ -174,14 +176,15 @@ def plot(study: Study, rows: list[dict], path: Path) -> None:
                              squeeze=False)
     for ax, m in zip(axes.flat, metrics):
         random = values(rows, "random", m.protocol, m.metric)
+        k = m.scale
         if random:
-            ax.axvspan(100 * min(random), 100 * max(random), color="0.85", label="random init range")
+            ax.axvspan(k * min(random), k * max(random), color="0.85", label="random init range")
         for i, name in enumerate(names):
             xs = values(rows, name, m.protocol, m.metric)
             if xs:
                 mu, h = interval(xs)
-                ax.barh(i, 100 * mu, xerr=None if h is None else 100 * h, color="C0", alpha=0.8)
-                ax.plot([100 * x for x in xs], [i] * len(xs), "k.", ms=3)
+                ax.barh(i, k * mu, xerr=None if h is None else k * h, color="C0", alpha=0.8)
+                ax.plot([k * x for x in xs], [i] * len(xs), "k.", ms=3)
         ax.set_yticks(range(len(names)), names, fontsize=7)
         ax.invert_yaxis()
         ax.set_title(f"{m.protocol}: {m.label}", fontsize=8)

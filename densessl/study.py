@@ -27,6 +27,7 @@ from densessl.config import ConfigError, build_config, from_dict, to_dict
 STUDIES_DIR = Path(__file__).parent / "studies"
 DENSE_COMMANDS = ("dense", "retrieval", "linear-seg", "overcluster", "region")
 FROZEN_COMMANDS = ("frozen", "knn", "linear", "multilabel")
+FINETUNE_COMMANDS = ("detection", "segmentation")  # metrics in their own units (AP in points, mIoU a fraction)
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Claim:
     better: str  # run name expected higher
     worse: str  # run name expected lower
     source: str = ""
+    scale: float = 100.0  # points per unit of the metric (100: a fraction; 1: already in points, e.g. AP)
 
 
 @dataclass
@@ -71,6 +73,7 @@ class ReportMetric:
     protocol: str
     metric: str
     label: str
+    scale: float = 100.0  # points per unit of the metric (100: a fraction; 1: already in points, e.g. AP)
 
 
 @dataclass
@@ -115,9 +118,9 @@ def load_study(name_or_path: str) -> Study:
     if len(set(protos)) != len(protos):
         raise ConfigError(f"{path}: protocol names must be unique (got {protos})")
     for p in study.protocols:
-        if p.eval not in DENSE_COMMANDS + FROZEN_COMMANDS:
+        if p.eval not in DENSE_COMMANDS + FROZEN_COMMANDS + FINETUNE_COMMANDS:
             raise ConfigError(f"{path}: protocol {p.name!r} has eval={p.eval!r}; expected one of "
-                              f"{', '.join(FROZEN_COMMANDS + DENSE_COMMANDS)}")
+                              f"{', '.join(FROZEN_COMMANDS + DENSE_COMMANDS + FINETUNE_COMMANDS)}")
     for r in study.runs:
         unknown = sorted(set(r.protocols or ()) - set(protos))
         if unknown:
@@ -172,7 +175,7 @@ def flat_metrics(result: dict, eval_command: str) -> dict[str, float]:
     for name, section in result.items():
         if not isinstance(section, dict) or name in ("model", "features"):
             continue
-        if eval_command in FROZEN_COMMANDS:  # {"knn_top1": ..., "settings": ...}
+        if eval_command in FROZEN_COMMANDS + FINETUNE_COMMANDS:  # {"knn_top1": ..., "settings": ...}
             walk("", {k: v for k, v in section.items() if k not in ("settings", "seconds")})
         else:  # dense: summary tables beside "results" (per-class detail) and "settings"
             walk(name, {k: v for k, v in section.items() if k not in ("results", "settings", "seconds", "skipped")})
@@ -229,7 +232,7 @@ def run_study(study: Study, table: Path, runs_dir: Path, stop_after_minutes: flo
     dist = init_distributed("auto", timeout_s=4 * 3600)  # other ranks wait while rank 0 evaluates
     done = {row_key(r) for r in read_table(table)}
     written = skipped = 0
-    for unit in units(study):
+    for unit in work_order(study, runs_dir):
         if only and unit.run not in only:
             continue
         wanted = unit_protocols(study, unit)
@@ -255,6 +258,16 @@ def run_study(study: Study, table: Path, runs_dir: Path, stop_after_minutes: flo
     return {"written": written, "skipped": skipped}
 
 
+def work_order(study: Study, runs_dir: Path) -> list[Unit]:
+    """The study's units, those already pretrained in `runs_dir` first (their missing rows cost only
+    evaluation), then the declared order."""
+    every = units(study)
+    return sorted(every, key=lambda u: not (u.recipe and (unit_dir(runs_dir, u) / PRETRAINED).exists()))
+
+
+PRETRAINED = "study_minutes.json"  # written when a unit's pretraining has finished (its minutes)
+
+
 def unit_dir(runs_dir: Path, unit: Unit) -> Path:
     return Path(runs_dir) / unit.run / f"seed{unit.seed}"
 
@@ -268,7 +281,8 @@ def _backbone(study: Study, unit: Unit, runs_dir: Path, dist, log) -> tuple[str,
 
     folder = unit_dir(runs_dir, unit)
     cfg = build_config(unit.recipe, [*unit.overrides, f"train.seed={unit.seed}", f"run_dir={folder}"])
-    timing = folder / "study_minutes.json"  # pretraining minutes summed over interrupted sessions
+    # pretraining minutes of the process that finished it (a killed process's minutes are not counted)
+    timing = folder / PRETRAINED
     before = json.loads(timing.read_text())["minutes"] if timing.exists() else 0.0
     t0 = time.perf_counter()
     log(f"study {study.name}: pretraining {unit.run} seed {unit.seed} ({cfg.train.epochs} epochs) in {folder}")
@@ -303,6 +317,16 @@ def _evaluate(study: Study, unit: Unit, protocol: StudyProtocol, spec: str, info
         cfg = dense_config(overrides)
         probes = list(cfg.probes) if protocol.eval == "dense" else [COMMANDS[protocol.eval]]
         result = evaluate_dense(spec, probes, cfg, log=lambda *a: None)
+    elif protocol.eval == "detection":
+        from densessl.eval.detection import detection_config, run_detection
+
+        cfg = detection_config(overrides)
+        result = run_detection(spec, cfg, log=lambda *a: None)
+    elif protocol.eval == "segmentation":
+        from densessl.eval.segmentation import run_segmentation, segmentation_config
+
+        cfg = segmentation_config(overrides)
+        result = run_segmentation(spec, cfg, log=lambda *a: None)
     else:
         from densessl.eval.protocols import PROTOCOLS, eval_config, evaluate
 

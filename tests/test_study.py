@@ -130,3 +130,36 @@ def test_a_study_naming_an_undeclared_run_is_one_clear_error(tmp_path, capsys):
     assert main(["study", str(path), "--table", str(tmp_path / "t.jsonl")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("densessl: error: ") and "worse='mocov2-scenes'" in err and err.count("\n") == 1
+
+
+def test_fine_tuning_rows_keep_their_units_and_the_page_scales_them(tmp_path):
+    from densessl.report import render
+    from densessl.study import ReportMetric, Study, StudyProtocol, StudyRun
+
+    result = {"backbone": "b", "detection": {"AP": 17.8, "AP50": 37.3, "settings": {"iterations": 800},
+                                             "seconds": 390.0}}
+    assert flat_metrics(result, "detection") == {"AP": 17.8, "AP50": 37.3}
+    study = Study(name="s", runs=[StudyRun(recipe="pixpro-scenes")],
+                  protocols=[StudyProtocol(name="det", eval="detection")],
+                  report=[ReportMetric(protocol="det", metric="AP", label="AP", scale=1.0)])
+    rows = [{"run": run, "seed": s, "protocol": "det", "metrics": {"AP": ap}, "epochs": 4, "pretrain_minutes": 0,
+             "eval_minutes": 1, "machine": "m", "densessl": "0"}
+            for run, aps in (("random", [18.0, 18.2]), ("pixpro-scenes", [19.0, 19.4])) for s, ap in enumerate(aps)]
+    page = render(study, rows, tmp_path / "t.jsonl", None)
+    assert "| random | 4 | 18.0-18.2 (n=2) |" in page
+    # sd of (19.0, 19.4) is 0.2 sqrt(2); half-width t(0.975, 1) x sd / sqrt(2) = 12.706 x 0.2
+    assert f"| pixpro-scenes | 4 | 19.2 ± {12.706204736174707 * 0.2:.1f} (n=2) > |" in page
+
+
+def test_units_already_pretrained_come_first(tmp_path):
+    from densessl.study import PRETRAINED, unit_dir, units, work_order
+
+    study = load_study(str(tiny_study(tmp_path)))
+    study.runs.append(type(study.runs[0])(recipe="pixpro-scenes", epochs=1))
+    declared = [(u.run, u.seed) for u in units(study)]
+    assert [(u.run, u.seed) for u in work_order(study, tmp_path)] == declared
+    done = units(study)[-1]  # pixpro-scenes seed 1, pretrained in an earlier session
+    unit_dir(tmp_path, done).mkdir(parents=True)
+    (unit_dir(tmp_path, done) / PRETRAINED).write_text('{"minutes": 1.0}')
+    order = [(u.run, u.seed) for u in work_order(study, tmp_path)]
+    assert order == [("pixpro-scenes", 1)] + [k for k in declared if k != ("pixpro-scenes", 1)]
