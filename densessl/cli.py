@@ -257,10 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from densessl.common.errors import AnnotationError, CheckpointError, ConfigError, ImageReadError
+    from densessl.engine.trainer import NonFiniteLossError
 
     try:
         return args.func(args) or 0
-    except (ConfigError, CheckpointError, AnnotationError, ImageReadError) as e:
+    # user errors, and a loss or probe that diverged (their messages say which key to change)
+    except (ConfigError, CheckpointError, AnnotationError, ImageReadError, NonFiniteLossError,
+            FloatingPointError) as e:
         print(f"densessl: error: {error_line(e)}", file=sys.stderr)
         return 2
 

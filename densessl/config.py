@@ -48,8 +48,11 @@ def field_default(cfg, dotted: str):
     """The schema default of a dotted config key (e.g. data.min_side) of `cfg`, or MISSING."""
     *path, name = dotted.split(".")
     obj = cfg
-    for part in path:
-        obj = getattr(obj, part, None)
+    for part in path:  # a number indexes a list (views.0.blur_kind)
+        if part.isdigit() and isinstance(obj, (list, tuple)):
+            obj = obj[int(part)] if int(part) < len(obj) else None
+        else:
+            obj = getattr(obj, part, None)
     if obj is None or not dataclasses.is_dataclass(obj):
         return MISSING
     for f in dataclasses.fields(obj):

@@ -169,14 +169,14 @@ def plot(study: Study, rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     metrics = study.report
-    names = run_names(study)[1:]
+    names = run_names(study)[1:]  # rows per panel: the runs that protocol evaluates
     cols = min(3, len(metrics))
     nrows = math.ceil(len(metrics) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 0.28 * len(names) * nrows + 1.2 * nrows),
                              squeeze=False)
     for ax, m in zip(axes.flat, metrics):
         random = values(rows, "random", m.protocol, m.metric)
-        k = m.scale
+        k, names = m.scale, run_names(study, m.protocol)[1:]
         if random:
             ax.axvspan(k * min(random), k * max(random), color="0.85", label="random init range")
         for i, name in enumerate(names):

@@ -11,7 +11,8 @@ wait.
 
 A row: study, run, recipe, seed, epochs, protocol, metrics (flat name -> value), config_hash
 (the resolved pretraining config without run folder and logging keys), eval_hash, minutes
-(pretraining, over all its sessions; evaluation), machine, densessl version, finished_at.
+(pretraining, of the process that finished it: a killed process's minutes are not counted;
+evaluation), machine, densessl version, finished_at.
 """
 from __future__ import annotations
 
@@ -283,19 +284,26 @@ def _backbone(study: Study, unit: Unit, runs_dir: Path, dist, log) -> tuple[str,
     cfg = build_config(unit.recipe, [*unit.overrides, f"train.seed={unit.seed}", f"run_dir={folder}"])
     # pretraining minutes of the process that finished it (a killed process's minutes are not counted)
     timing = folder / PRETRAINED
-    before = json.loads(timing.read_text())["minutes"] if timing.exists() else 0.0
+    last = folder / "checkpoints" / "last.pt"
+    info = {"recipe": unit.recipe, "epochs": cfg.train.epochs, "config_hash": _pretrain_hash(cfg)}
+    done = json.loads(timing.read_text()) if timing.exists() and last.exists() else {}
+    if "config_hash" in done:  # pretrained by an earlier invocation: only its evaluations are missing
+        if done["config_hash"] != info["config_hash"]:
+            raise ConfigError(f"{folder} was pretrained with another config than the study now declares for "
+                              f"{unit.run} seed {unit.seed}; give the changed run another name (runs[i].name), "
+                              f"or delete that folder to pretrain it again")
+        return str(last), {**info, "pretrain_minutes": round(done["minutes"], 2)}
     t0 = time.perf_counter()
     log(f"study {study.name}: pretraining {unit.run} seed {unit.seed} ({cfg.train.epochs} epochs) in {folder}")
     with rank_failures_reported(folder / "checkpoints" / "last.pt"):
-        result = Trainer(cfg, dist_info=dist).fit()  # a finished run returns at once
-    minutes = before + (time.perf_counter() - t0) / 60
+        result = Trainer(cfg, dist_info=dist).fit()  # resumes a killed run from its last checkpoint
+    minutes = (time.perf_counter() - t0) / 60
     if dist.is_main:
-        timing.write_text(json.dumps({"minutes": minutes}))
+        timing.write_text(json.dumps({"minutes": minutes, "config_hash": info["config_hash"]}))
         from densessl.report import plot_losses  # the run folder's loss curve, as `densessl pretrain` draws it
 
         plot_losses(folder / "metrics.jsonl", folder / "loss.png")
-    return result["checkpoint"], {"recipe": unit.recipe, "epochs": cfg.train.epochs,
-                                  "config_hash": _pretrain_hash(cfg), "pretrain_minutes": round(minutes, 2)}
+    return result["checkpoint"], {**info, "pretrain_minutes": round(minutes, 2)}
 
 
 def _evaluate(study: Study, unit: Unit, protocol: StudyProtocol, spec: str, info: dict, runs_dir: Path,

@@ -163,3 +163,26 @@ def test_units_already_pretrained_come_first(tmp_path):
     (unit_dir(tmp_path, done) / PRETRAINED).write_text('{"minutes": 1.0}')
     order = [(u.run, u.seed) for u in work_order(study, tmp_path)]
     assert order == [("pixpro-scenes", 1)] + [k for k in declared if k != ("pixpro-scenes", 1)]
+
+
+def test_a_finished_unit_is_not_trained_again_and_a_changed_config_is_refused(tmp_path):
+    from densessl.common.errors import ConfigError
+    from densessl.study import PRETRAINED, unit_dir, units
+
+    study = load_study(str(tiny_study(tmp_path)))
+    study.protocols = study.protocols[:1]
+    study.random.seeds = []
+    study.runs[0].seeds = [0]
+    table, runs = tmp_path / "t.jsonl", tmp_path / "runs"
+    run_study(study, table, runs, log=lambda *a: None)
+    unit = units(study)[0]
+    ckpt = unit_dir(runs, unit) / "checkpoints" / "last.pt"
+    stamp = ckpt.stat().st_mtime_ns
+    table.write_text("")  # the rows are gone, the pretraining is not: only evaluation runs again
+    assert run_study(study, table, runs, log=lambda *a: None)["written"] == 1
+    assert ckpt.stat().st_mtime_ns == stamp  # not rewritten: no Trainer was built
+    table.write_text("")
+    study.runs[0].overrides = [*study.runs[0].overrides, "optim.lr=0.5"]
+    with pytest.raises(ConfigError, match="pretrained with another config"):
+        run_study(study, table, runs, log=lambda *a: None)
+    assert (unit_dir(runs, unit) / PRETRAINED).exists()

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from densessl.common.errors import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -38,7 +40,8 @@ def pick_device(pref: str) -> torch.device:
     if pref == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if pref == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
+        raise ConfigError("device=cuda (train.device or the eval's device) but no CUDA device is available; "
+                          "use device=auto or device=cpu")
     return torch.device(pref)
 
 

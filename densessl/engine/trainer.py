@@ -183,6 +183,9 @@ class Trainer:
         saved = _flatten(state["config"])
         current = _flatten(to_dict(self.cfg))
         for k in set(current) - set(saved):  # a key added since the run began: it ran with the default
+            parent = k.rpartition(".")[0]
+            if parent and not any(s.startswith(parent + ".") for s in saved):
+                continue  # a whole section or list item the run did not have (e.g. one more view): a change
             default = field_default(self.cfg, k)
             if default is not MISSING:
                 saved[k] = to_dict(default) if dataclasses.is_dataclass(default) else default
@@ -341,7 +344,8 @@ class Trainer:
                                                                    torch.cat(probe_targets))})
         if bar is not None:
             bar.close()
-        self.save_checkpoint(bad)
+        if not last.exists():  # the loop saves at its last step; a run with no step to take still gets one
+            self.save_checkpoint(bad)
         if self.dist.is_main:
             self._close_logs()
         return {"step": self.step, "checkpoint": str(self.ckpt_dir / "last.pt")}
@@ -416,11 +420,15 @@ def _to_device(batch: dict, device) -> dict:
 
 
 def _flatten(d, prefix=""):
+    """Dotted keys of a config dict; lists of mappings (views) by index: views.0.blur_p."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(_flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                out.update(_flatten(x, f"{key}.{i}."))
         else:
             out[key] = v
     return out

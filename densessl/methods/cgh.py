@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from densessl.common.errors import ConfigError
 from densessl.methods import register
 from densessl.methods.losses import embedding_std, info_nce_loss, relation_ce
 from densessl.methods.momentum import KeyQueue, MomentumContrast, make_target, no_autocast
@@ -123,11 +124,11 @@ class FeatDistiller(nn.Module):
 class CGH(MomentumContrast):
     def __init__(self, cfg: CGHConfig, backbone):
         if cfg.relation_targets not in ("cross", "within"):
-            raise ValueError(f"method.relation_targets={cfg.relation_targets!r}: expected 'cross' (CGH) or 'within' "
+            raise ConfigError(f"method.relation_targets={cfg.relation_targets!r}: expected 'cross' (CGH) or 'within' "
                              f"(each context distils its own relation, the ablation of the cross-context design)")
         bad = [s for s in cfg.hyper_stages if s not in STAGES]
         if not cfg.hyper_stages or bad:
-            raise ValueError(f"method.hyper_stages={list(cfg.hyper_stages)}: expected a non-empty list of {list(STAGES)}")
+            raise ConfigError(f"method.hyper_stages={list(cfg.hyper_stages)}: expected a non-empty list of {list(STAGES)}")
         super().__init__(cfg, backbone)
         self.stages = tuple(sorted(set(cfg.hyper_stages) | {"c5"}))
         in_dim = sum(backbone.channels[s] for s in cfg.hyper_stages)
@@ -159,7 +160,7 @@ class CGH(MomentumContrast):
 
     def forward(self, views, batch):
         if len(views) != 2:
-            raise ValueError(f"CGH takes exactly 2 views (weak for the teacher, strong for the student), "
+            raise ConfigError(f"CGH takes exactly 2 views (weak for the teacher, strong for the student), "
                              f"the recipe gives {len(views)}")
         weak, strong = views
         h, q, q_h = self.embed(self.backbone, self.head, self.distiller, strong)

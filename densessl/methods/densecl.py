@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from densessl.common.errors import ConfigError
 from densessl.methods import register
 from densessl.methods.losses import dense_info_nce, embedding_std, info_nce_loss
 from densessl.methods.momentum import KeyQueue, MomentumContrast, make_target, no_autocast
@@ -89,7 +90,7 @@ class DenseHead(nn.Module):
 class DenseCL(MomentumContrast):
     def __init__(self, cfg: DenseCLConfig, backbone):
         if not 0.0 <= cfg.loss_lambda <= 1.0:
-            raise ValueError(f"method.loss_lambda={cfg.loss_lambda} must lie in [0, 1]")
+            raise ConfigError(f"method.loss_lambda={cfg.loss_lambda} must lie in [0, 1]")
         super().__init__(cfg, backbone)
         hidden = cfg.proj_hidden_dim or backbone.out_dim
         self.head = mlp(backbone.out_dim, hidden, cfg.proj_dim, batch_norm=False)
@@ -117,7 +118,7 @@ class DenseCL(MomentumContrast):
 
     def forward(self, views, batch):
         if len(views) != 2:
-            raise ValueError(f"DenseCL takes exactly 2 views, the recipe gives {len(views)}")
+            raise ConfigError(f"DenseCL takes exactly 2 views, the recipe gives {len(views)}")
         c5 = self.backbone(views[0], stages=("c5",))["c5"]
         h = c5.mean(dim=(2, 3))
         q = F.normalize(self.head(h), dim=1)

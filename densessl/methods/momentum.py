@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from densessl.common.errors import ConfigError
 from densessl.common.distributed import AllReduceBatchNorm, concat_all_gather, world_size
 from densessl.common.ema import ema_update_, make_target  # noqa: F401  (make_target: the methods build targets with it)
 from densessl.common.schedules import cosine_momentum
@@ -37,7 +38,7 @@ def momentum_at(step: int, total_steps: int, base: float, schedule: str, final: 
         return base
     if schedule == "cosine":
         return cosine_momentum(step, total_steps, base, final)
-    raise ValueError(f"method.momentum_schedule={schedule!r}; expected 'const' or 'cosine'")
+    raise ConfigError(f"method.momentum_schedule={schedule!r}; expected 'const' or 'cosine'")
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         N, C, H, W = x.shape
         if N % G:
-            raise ValueError(f"method.bn_splits={G} must divide the per-process batch ({N} samples); "
+            raise ConfigError(f"method.bn_splits={G} must divide the per-process batch ({N} samples); "
                              f"change train.batch_size or method.bn_splits")
         if self.momentum is None:
             factor = 1.0 / float(self.num_batches_tracked + 1)
@@ -171,7 +172,7 @@ def convert_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
 def check_per_rank_bn(module: nn.Module, method: str) -> None:
     """Shuffle-BN needs per-rank batch norm: refuse BN synchronised across ranks."""
     if world_size() > 1 and any(isinstance(m, (AllReduceBatchNorm, nn.SyncBatchNorm)) for m in module.modules()):
-        raise ValueError(f"{method} uses shuffle-BN, which needs per-rank batch norm, but batch norm is "
+        raise ConfigError(f"{method} uses shuffle-BN, which needs per-rank batch norm, but batch norm is "
                          f"synchronised across ranks: set train.sync_bn=false (the recipes do), or "
                          f"method.shuffle_bn=false")
 
@@ -228,7 +229,7 @@ class KeyQueue(nn.Module):
     def __init__(self, size: int, dims: dict[str, int]):
         super().__init__()
         if size < 1:
-            raise ValueError(f"method.queue_size must be positive, got {size}")
+            raise ConfigError(f"method.queue_size must be positive, got {size}")
         self.size = size
         self.names = tuple(dims)
         for name, dim in dims.items():
@@ -254,7 +255,7 @@ class KeyQueue(nn.Module):
             raise ValueError(f"the queues share a pointer: every enqueue needs the same number of keys, got {n}")
         n = n.pop()
         if self.size % n:
-            raise ValueError(f"method.queue_size={self.size} must be a multiple of the keys enqueued per step "
+            raise ConfigError(f"method.queue_size={self.size} must be a multiple of the keys enqueued per step "
                              f"({n}: the global batch, times the key views per image); choose e.g. "
                              f"{max(n, self.size // n * n)}")
         idx = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size

@@ -95,6 +95,24 @@ def test_a_key_added_after_the_run_began_resumes_at_its_default(tiny_overrides, 
         Trainer(build_config("byol-scenes", tiny_overrides + ["data.min_side=8"])).fit()
 
 
+def test_a_key_added_inside_each_view_resumes_at_its_default_but_a_new_view_is_a_change(tiny_overrides, tmp_path):
+    """views are a list: a key added to every view since (views.N.blur_kind) ran at its default; a
+    view the run did not have is a changed config, even when all its values are defaults."""
+    from densessl.common.checkpoint import save_atomic
+
+    Trainer(build_config("byol-scenes", tiny_overrides)).fit()
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    for view in state["config"]["views"]:
+        del view["blur_kind"]
+    save_atomic(state, last)
+    assert Trainer(build_config("byol-scenes", tiny_overrides)).fit()["step"] == 8
+    state["config"]["views"] = state["config"]["views"][:1]
+    save_atomic(state, last)
+    with pytest.raises(ConfigError, match=r"views\.1\."):
+        Trainer(build_config("byol-scenes", tiny_overrides)).fit()
+
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     args = TINY + ["train.epochs=3", "data.num_scenes=160", "train.ckpt_every=3"]  # 10 steps an epoch
