@@ -344,8 +344,7 @@ class Trainer:
                                                                    torch.cat(probe_targets))})
         if bar is not None:
             bar.close()
-        if not last.exists():  # the loop saves at its last step; a run with no step to take still gets one
-            self.save_checkpoint(bad)
+        self.save_checkpoint(bad)  # on every rank (its finiteness check is a collective), whatever the loop saved
         if self.dist.is_main:
             self._close_logs()
         return {"step": self.step, "checkpoint": str(self.ckpt_dir / "last.pt")}
