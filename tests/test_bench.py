@@ -3,15 +3,15 @@ for like), and the interleaving helper reports a per-contender median."""
 import pytest
 import torch
 
-from densessl import bench
+from densessl import bench, bench_views
 
 
 def test_seed_style_and_densessl_views_match_slot_for_slot(tmp_path):
-    paths = bench.write_jpegs(tmp_path, n=2, size=128)
-    for crops, pyramid, n_slots in ((bench.BYOL_VIEWS, (), 2), (bench.MULTICROP, (), 8),
-                                    (bench.MULTICROP, bench.PYRAMID, 34)):
-        seed = bench.seed_style_views(paths, crops, pyramid)()
-        ours = bench.densessl_views(paths, crops, pyramid)()
+    paths = bench_views.write_jpegs(tmp_path, n=2, size=128)
+    for crops, pyramid, n_slots in ((bench_views.BYOL_VIEWS, (), 2), (bench_views.MULTICROP, (), 8),
+                                    (bench_views.MULTICROP, bench_views.PYRAMID, 34)):
+        seed = bench_views.seed_style_views(paths, crops, pyramid)()
+        ours = bench_views.densessl_views(paths, crops, pyramid)()
         assert len(seed) == len(ours) == n_slots
         assert [x.shape for x in seed] == [x.shape for x in ours]
         assert all(x.dtype == torch.float32 and x.shape[0] == 2 for x in ours)

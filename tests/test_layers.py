@@ -17,7 +17,7 @@ LAYERS = {
     "engine": 5,
     "interop": 6,
     "study": 7, "report": 7,
-    "cli": 8, "bench": 8, "demo": 8, "__main__": 8,
+    "cli": 8, "bench": 8, "bench_views": 8, "demo": 8, "__main__": 8,
 }
 LAYER_NAMES = ["common", "config/models", "data", "methods", "eval", "engine", "interop", "study/report", "cli"]
 

@@ -9,9 +9,8 @@ Conventions (every function here and in densessl.data.video and densessl.data.fr
 
 Estimation (`FlowModel`: a callable (frame_a, frame_b) -> flow):
 - `OpenCVFlow("dis" | "farneback")`, the default: classical, no weights, CPU.
-- `TorchFlow`: a learned model the user supplies with its weights (no downloads), e.g.
-  `torchvision_raft("raft_small", "/path/weights.pth")` for torchvision's RAFT architectures
-  (the optical-flow PixPro fork used RAFT-small).
+- `TorchFlow`: a learned model the user supplies with its weights (no downloads), e.g. `torchvision_raft(
+  "raft_small", "/path/weights.pth")` for torchvision's RAFT (the optical-flow fork used RAFT-small).
 - `FlowCache`: flows computed once and kept as .npy files keyed by (model, video, frame a,
   frame b); `pairwise_flows` fills and reads it.
 
