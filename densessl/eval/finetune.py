@@ -19,7 +19,7 @@ from torch import nn
 from densessl.common.distributed import pick_device
 from densessl.config import ConfigError, EvalBackboneConfig, ModelConfig
 from densessl.eval.backbone import load_backbone
-from densessl.eval.transfer import SampleStream, TransferData, autocast, build_task_dataset, stream_loader
+from densessl.eval.transfer import SampleStream, TransferData, build_task_dataset, stream_loader
 
 
 @dataclass
