@@ -112,7 +112,8 @@ def cmd_study(args) -> int:
     study = load_study(args.study)
     table, runs = default_paths(study)
     run_study(study, Path(args.table) if args.table else table, Path(args.runs) if args.runs else runs,
-              stop_after_minutes=args.stop_after_minutes, only=args.only or None)
+              stop_after_minutes=args.stop_after_minutes, only=args.only or None,
+              protocols=args.protocols or None)
     return 0
 
 
@@ -216,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--stop-after-minutes", type=float, default=None,
                     help="start no new backbone after this many minutes (rerun to continue)")
     st.add_argument("--only", action="append", default=[], metavar="RUN", help="only this run name (repeatable)")
+    st.add_argument("--protocols", action="append", default=[], metavar="PROTOCOL",
+                    help="only this protocol (repeatable): e.g. the cheap ones before fine-tuning")
     st.set_defaults(func=cmd_study)
 
     rp = sub.add_parser("report", help="the results page (tables, claims, chart) from a study's table")

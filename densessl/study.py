@@ -225,9 +225,14 @@ def units(study: Study) -> list[Unit]:
 
 
 def run_study(study: Study, table: Path, runs_dir: Path, stop_after_minutes: float | None = None,
-              only: list[str] | None = None, log=print) -> dict:
-    """Pretrain and evaluate what the table lacks; returns counts of rows written and skipped."""
+              only: list[str] | None = None, protocols: list[str] | None = None, log=print) -> dict:
+    """Pretrain and evaluate what the table lacks; returns counts of rows written and skipped.
+    `only` (run names) and `protocols` (protocol names) restrict the work: a unit none of whose
+    wanted protocols is left is neither pretrained nor evaluated (cheap protocols first, say)."""
     from densessl.common.distributed import init_distributed
+
+    _check_names("--only", only, {r.label for r in study.runs} | {"random"}, study.name)
+    _check_names("--protocols", protocols, {p.name for p in study.protocols}, study.name)
 
     start = time.perf_counter()
     dist = init_distributed("auto", timeout_s=4 * 3600)  # other ranks wait while rank 0 evaluates
@@ -236,7 +241,7 @@ def run_study(study: Study, table: Path, runs_dir: Path, stop_after_minutes: flo
     for unit in work_order(study, runs_dir):
         if only and unit.run not in only:
             continue
-        wanted = unit_protocols(study, unit)
+        wanted = [p for p in unit_protocols(study, unit) if not protocols or p.name in protocols]
         missing = [p for p in wanted if (unit.run, unit.seed, p.name) not in done]
         skipped += len(wanted) - len(missing)
         if not missing:
@@ -257,6 +262,13 @@ def run_study(study: Study, table: Path, runs_dir: Path, stop_after_minutes: flo
             torch.distributed.barrier()
     log(f"study {study.name}: {written} rows written, {skipped} already in {table}")
     return {"written": written, "skipped": skipped}
+
+
+def _check_names(option: str, given: list[str] | None, declared: set[str], study: str) -> None:
+    unknown = sorted(set(given or ()) - declared)
+    if unknown:
+        raise ConfigError(f"{option} {', '.join(unknown)}: not declared in study {study!r}; "
+                          f"expected one of {', '.join(sorted(declared))}")
 
 
 def work_order(study: Study, runs_dir: Path) -> list[Unit]:

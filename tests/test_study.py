@@ -16,7 +16,7 @@ import yaml
 from conftest import TINY
 from densessl.cli import main
 from densessl.report import interval, verdict, welch
-from densessl.study import Claim, append_row, flat_metrics, load_study, read_table, run_study
+from densessl.study import Claim, append_row, flat_metrics, load_study, read_table, row_key, run_study
 
 PRETRAIN = [o for o in TINY if not o.startswith("method.")] + ["train.log_every=1"]
 FROZEN = ["num_train=40", "num_test=20", "epochs=2", "k=5", "data.size=32", "data.num_scenes=64"]
@@ -186,3 +186,22 @@ def test_a_finished_unit_is_not_trained_again_and_a_changed_config_is_refused(tm
     with pytest.raises(ConfigError, match="pretrained with another config"):
         run_study(study, table, runs, log=lambda *a: None)
     assert (unit_dir(runs, unit) / PRETRAINED).exists()
+
+
+def test_only_and_protocols_restrict_the_work_and_unknown_names_are_one_clear_error(tmp_path, capsys):
+    study = load_study(str(tiny_study(tmp_path)))
+    study.runs = []  # the random baseline: evaluations only
+    table = tmp_path / "t.jsonl"
+    quiet = dict(log=lambda *a: None)
+    assert run_study(study, table, tmp_path / "runs", protocols=["frozen"], **quiet)["written"] == 2
+    assert {r["protocol"] for r in read_table(table)} == {"frozen"}
+    assert run_study(study, table, tmp_path / "runs", protocols=["dense"], only=["random"], **quiet) == \
+        {"written": 2, "skipped": 0}
+    assert sorted(row_key(r) for r in read_table(table)) == sorted(
+        ("random", s, p) for s in (0, 1) for p in ("frozen", "dense"))
+    path = tiny_study(tmp_path)
+    assert main(["study", str(path), "--table", str(table), "--protocols", "detection"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("densessl: error: --protocols detection: not declared") and err.count("\n") == 1
+    assert main(["study", str(path), "--table", str(table), "--only", "mocov2-scenes"]) == 2
+    assert "--only mocov2-scenes" in capsys.readouterr().err
