@@ -33,53 +33,10 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
-def _transfer_dataset(overrides: list[str]) -> str | None:
-    """The value of a `data.dataset=voc|coco` override, if any (the VOC/COCO transfer protocols)."""
-    value = None
-    for o in overrides:
-        key, _, text = o.partition("=")
-        if key.strip() == "data.dataset":
-            value = text.strip()
-    return value if value in ("voc", "coco") else None
-
-
 def cmd_eval(args) -> int:
-    from densessl.eval.protocols import PROTOCOLS, default_out, eval_config, evaluate, write_metrics
+    from densessl.eval.commands import run_eval_cli
 
-    if args.protocol == "multilabel" and _transfer_dataset(args.overrides):
-        from densessl.eval.multilabel_transfer import run_cli
-
-        return run_cli(args.checkpoint, args.overrides)
-    cfg = eval_config(args.overrides)
-    protocols = list(PROTOCOLS) if args.protocol == "frozen" else [args.protocol]
-    result = evaluate(args.checkpoint, protocols, cfg)
-    out = default_out(args.checkpoint, args.protocol, cfg)
-    write_metrics(result, out)
-    metric = {k: v for p in protocols for k, v in result[p].items() if k not in ("settings", "seconds")}
-    print(f"{'backbone':<40} " + " ".join(f"{k:>16}" for k in metric))
-    print(f"{result['backbone'][-40:]:<40} " + " ".join(f"{v:>16.4f}" for v in metric.values()))
-    for p in protocols:
-        print(f"{p} settings: {result[p]['settings']}")
-    print(f"wrote {out}")
-    return 0
-
-
-def cmd_eval_detection(args) -> int:
-    from densessl.eval.detection import run_cli
-
-    return run_cli(args.checkpoint, args.overrides)
-
-
-def cmd_eval_segmentation(args) -> int:
-    from densessl.eval.segmentation import run_cli
-
-    return run_cli(args.checkpoint, args.overrides)
-
-
-def cmd_eval_dense(args) -> int:
-    from densessl.eval.dense.run import run_cli
-
-    return run_cli(args.checkpoint, args.overrides, args.protocol)
+    return run_eval_cli(args.protocol, args.checkpoint, args.overrides)
 
 
 def cmd_export(args) -> int:
@@ -158,28 +115,28 @@ def build_parser() -> argparse.ArgumentParser:
     finetune = "key=value overrides, e.g. preset=scenes iterations=200 data.dataset=voc data.root=... (see docs/interop.md)"
     dense = ("e.g. preset=scenes|paper random_init_seed=1 retrieval.k=30 seg.epochs=20 data.dataset=voc data.root=... "
              "(see docs/dense-eval.md)")
-    for name, help_, func, ckpt_help, overrides_help in [
-            ("knn", "weighted kNN (cosine) on frozen features", cmd_eval, ckpt, frozen),
-            ("linear", "offline single-label linear probe on cached features", cmd_eval, ckpt, frozen),
-            ("multilabel", "multi-label linear probe (BCE), mean average precision", cmd_eval, ckpt, frozen),
-            ("frozen", "knn, linear and multilabel in one call (features extracted once)", cmd_eval, ckpt, frozen),
-            ("detection", "fine-tune Faster R-CNN + FPN on the backbone; COCO AP/AP50/AP75", cmd_eval_detection,
+    for name, help_, ckpt_help, overrides_help in [
+            ("knn", "weighted kNN (cosine) on frozen features", ckpt, frozen),
+            ("linear", "offline single-label linear probe on cached features", ckpt, frozen),
+            ("multilabel", "multi-label linear probe (BCE), mean average precision", ckpt, frozen),
+            ("frozen", "knn, linear and multilabel in one call (features extracted once)", ckpt, frozen),
+            ("detection", "fine-tune Faster R-CNN + FPN on the backbone; COCO AP/AP50/AP75",
              "a densessl checkpoint, a densessl .safetensors backbone, or 'random'", finetune),
-            ("segmentation", "FCN/DeepLabV3 head on the backbone (frozen or fine-tuned); mIoU", cmd_eval_segmentation,
+            ("segmentation", "FCN/DeepLabV3 head on the backbone (frozen or fine-tuned); mIoU",
              "a densessl checkpoint, a densessl .safetensors backbone, or 'random'", finetune),
-            ("dense", "the four frozen dense probes below on one dense feature extraction", cmd_eval_dense, ckpt, dense),
-            ("retrieval", "dense retrieval (Hummingbird): kNN label transfer of patches, mIoU", cmd_eval_dense, ckpt,
+            ("dense", "the four frozen dense probes below on one dense feature extraction", ckpt, dense),
+            ("retrieval", "dense retrieval (Hummingbird): kNN label transfer of patches, mIoU", ckpt,
              dense),
-            ("linear-seg", "BN + 1x1 conv on frozen stage maps, lr chosen on train; mIoU, fg mIoU", cmd_eval_dense,
+            ("linear-seg", "BN + 1x1 conv on frozen stage maps, lr chosen on train; mIoU, fg mIoU",
              ckpt, dense),
-            ("overcluster", "k-means on frozen patches, Hungarian and many-to-one matching; mIoU", cmd_eval_dense,
+            ("overcluster", "k-means on frozen patches, Hungarian and many-to-one matching; mIoU",
              ckpt, dense),
-            ("region", "RoIAlign features at ground-truth boxes, linear + kNN; accuracy by size", cmd_eval_dense, ckpt,
+            ("region", "RoIAlign features at ground-truth boxes, linear + kNN; accuracy by size", ckpt,
              dense)]:
         q = ev_sub.add_parser(name, help=help_)
         q.add_argument("checkpoint", help=ckpt_help)
         q.add_argument("overrides", nargs="*", help=overrides_help)
-        q.set_defaults(func=func)
+        q.set_defaults(func=cmd_eval)
 
     from densessl.interop import EXPORT_FORMATS, LAYOUTS
 

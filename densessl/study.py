@@ -24,11 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from densessl.config import ConfigError, build_config, from_dict, to_dict
+from densessl.eval.commands import EVAL_COMMANDS, FINETUNE_COMMANDS, FROZEN_COMMANDS
 
 STUDIES_DIR = Path(__file__).parent / "studies"
-DENSE_COMMANDS = ("dense", "retrieval", "linear-seg", "overcluster", "region")
-FROZEN_COMMANDS = ("frozen", "knn", "linear", "multilabel")
-FINETUNE_COMMANDS = ("detection", "segmentation")  # metrics in their own units (AP in points, mIoU a fraction)
 
 
 @dataclass
@@ -119,9 +117,9 @@ def load_study(name_or_path: str) -> Study:
     if len(set(protos)) != len(protos):
         raise ConfigError(f"{path}: protocol names must be unique (got {protos})")
     for p in study.protocols:
-        if p.eval not in DENSE_COMMANDS + FROZEN_COMMANDS + FINETUNE_COMMANDS:
+        if p.eval not in EVAL_COMMANDS:
             raise ConfigError(f"{path}: protocol {p.name!r} has eval={p.eval!r}; expected one of "
-                              f"{', '.join(FROZEN_COMMANDS + DENSE_COMMANDS + FINETUNE_COMMANDS)}")
+                              f"{', '.join(EVAL_COMMANDS)}")
     for r in study.runs:
         unknown = sorted(set(r.protocols or ()) - set(protos))
         if unknown:
@@ -322,6 +320,7 @@ def _evaluate(study: Study, unit: Unit, protocol: StudyProtocol, spec: str, info
               log) -> dict:
     from densessl import __version__
     from densessl.common.machine import describe_machine
+    from densessl.eval.commands import run_eval
     from densessl.eval.protocols import write_metrics
 
     out = unit_dir(runs_dir, unit) / "eval" / f"{protocol.name}.json"
@@ -330,28 +329,8 @@ def _evaluate(study: Study, unit: Unit, protocol: StudyProtocol, spec: str, info
         overrides = [*study.random.overrides, *overrides, f"random_init_seed={unit.seed}"]
     t0 = time.perf_counter()
     log(f"study {study.name}: {protocol.name} ({protocol.eval}) on {unit.run} seed {unit.seed}")
-    if protocol.eval in DENSE_COMMANDS:
-        from densessl.eval.dense.config import dense_config
-        from densessl.eval.dense.run import COMMANDS, evaluate_dense
-
-        cfg = dense_config(overrides)
-        probes = list(cfg.probes) if protocol.eval == "dense" else [COMMANDS[protocol.eval]]
-        result = evaluate_dense(spec, probes, cfg, log=lambda *a: None)
-    elif protocol.eval == "detection":
-        from densessl.eval.detection import detection_config, run_detection
-
-        cfg = detection_config(overrides)
-        result = run_detection(spec, cfg, log=lambda *a: None)
-    elif protocol.eval == "segmentation":
-        from densessl.eval.segmentation import run_segmentation, segmentation_config
-
-        cfg = segmentation_config(overrides)
-        result = run_segmentation(spec, cfg, log=lambda *a: None)
-    else:
-        from densessl.eval.protocols import PROTOCOLS, eval_config, evaluate
-
-        cfg = eval_config(overrides)
-        result = evaluate(spec, list(PROTOCOLS) if protocol.eval == "frozen" else [protocol.eval], cfg)
+    ev = run_eval(protocol.eval, spec, overrides, log=lambda *a: None)
+    result, cfg = ev.result, ev.cfg
     write_metrics(result, out)
     eval_tree = to_dict(cfg)
     eval_tree.pop("out", None)

@@ -316,14 +316,3 @@ def evaluate_detection(model: nn.Module, dataset, num_classes: int, device, cfg)
                                    "score": float(score)})
     model.train()
     return coco_box_ap(coco_ground_truth(dataset, num_classes), detections)
-
-
-def run_cli(spec: str, overrides: list[str]) -> int:
-    cfg = detection_config(overrides)
-    return finetune.report(spec, DetectionTask(cfg), run_detection(spec, cfg))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    import sys
-
-    sys.exit(run_cli(sys.argv[1], sys.argv[2:]))

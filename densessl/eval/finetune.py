@@ -134,17 +134,3 @@ def eval_batches(dataset, batch_size: int):
     bs = max(1, batch_size)
     for start in range(0, len(dataset), bs):
         yield list(range(start, min(start + bs, len(dataset))))
-
-
-def report(spec: str, task: FinetuneTask, result: dict) -> int:
-    """The end of `densessl eval detection|segmentation`: write metrics.json (next to the
-    checkpoint, or ``out``) and print the task's summary line."""
-    from pathlib import Path
-
-    from densessl.eval.protocols import default_out, write_metrics
-
-    out = default_out(spec, task.name, task.cfg)
-    write_metrics(result, Path(out))
-    print(f"{result['backbone'][-40:]:<40} {task.summary(result[task.name])}")
-    print(f"wrote {out}")
-    return 0

@@ -236,19 +236,9 @@ def run_multilabel_transfer(spec: str, cfg: MultilabelTransferConfig, log=print)
         "history": history, "settings": settings, "seconds": round(time.perf_counter() - t0, 2)}}
 
 
-def run_cli(spec: str, overrides: list[str]) -> int:
-    from pathlib import Path
-
-    from densessl.eval.protocols import default_out, write_metrics
-
-    cfg = multilabel_transfer_config(overrides)
-    result = run_multilabel_transfer(spec, cfg)
-    out = default_out(spec, f"multilabel-{cfg.data.dataset}", cfg)
-    write_metrics(result, Path(out))
+def summary_lines(result: dict, cfg: MultilabelTransferConfig) -> list[str]:
     r = result["multilabel"]
-    print(f"{result['backbone'][-40:]:<40} mAP {100 * r['mAP']:.2f} (last epoch)   best-epoch mAP "
-          f"{100 * r['best_epoch_mAP']:.2f} (epoch {r['best_epoch']}, selected on the test split)")
-    print(f"{cfg.data.dataset} {cfg.data.train_split} -> {cfg.data.val_split}, linear probe on frozen features, "
-          f"{cfg.mode} mode, {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}")
-    print(f"wrote {out}")
-    return 0
+    return [f"{result['backbone'][-40:]:<40} mAP {100 * r['mAP']:.2f} (last epoch)   best-epoch mAP "
+            f"{100 * r['best_epoch_mAP']:.2f} (epoch {r['best_epoch']}, selected on the test split)",
+            f"{cfg.data.dataset} {cfg.data.train_split} -> {cfg.data.val_split}, linear probe on frozen features, "
+            f"{cfg.mode} mode, {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}"]

@@ -317,14 +317,3 @@ def evaluate_segmentation(model: nn.Module, dataset, num_classes: int, device, c
     out = segmentation_metrics(cm)
     out["confusion_matrix"] = cm.tolist()
     return out
-
-
-def run_cli(spec: str, overrides: list[str]) -> int:
-    cfg = segmentation_config(overrides)
-    return finetune.report(spec, SegmentationTask(cfg), run_segmentation(spec, cfg))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    import sys
-
-    sys.exit(run_cli(sys.argv[1], sys.argv[2:]))

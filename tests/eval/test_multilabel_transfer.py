@@ -135,3 +135,33 @@ def test_voc_with_its_own_class_names_infers_them_sorted_prints_and_saves_them(c
     assert len(err) == 1 and err[0].startswith("densessl: error: ")
     assert str(custom_voc / "Annotations" / "t2.xml") in err[0] and "unknown class name 'forklift'" in err[0]
     assert "data.classes" in err[0]
+
+
+def test_a_study_protocol_reaches_the_voc_transfer_and_gets_the_cli_number(folders, tmp_path):
+    """The study and the command line evaluate through one table (eval/commands.py)."""
+    import yaml
+
+    from densessl.cli import main
+    from densessl.study import load_study, read_table, run_study
+
+    over = [*TINY, "data.dataset=voc", f"data.root={folders / 'voc'}", "mode=cached"]
+    assert main(["eval", "multilabel", "random", *over, "random_init_seed=1", f"out={tmp_path / 'cli.json'}"]) == 0
+    cli = json.loads((tmp_path / "cli.json").read_text())["multilabel"]
+    study = {"name": "voc", "seeds": [0], "random": {"seeds": [1], "overrides": []}, "runs": [],
+             "protocols": [{"name": "voc07", "eval": "multilabel", "overrides": over}],
+             "report": [{"protocol": "voc07", "metric": "mAP", "label": "VOC mAP"}]}
+    (tmp_path / "voc.yaml").write_text(yaml.safe_dump(study))
+    table = tmp_path / "t.jsonl"
+    run_study(load_study(str(tmp_path / "voc.yaml")), table, tmp_path / "runs", log=lambda *a: None)
+    (row,) = read_table(table)
+    assert row["metrics"]["mAP"] == cli["mAP"] and row["metrics"]["best_epoch_mAP"] == cli["best_epoch_mAP"]
+    assert (tmp_path / "runs" / "random" / "seed1" / "eval" / "voc07.json").exists()
+
+
+def test_every_eval_command_is_a_cli_subcommand_and_a_study_eval():
+    from densessl.cli import build_parser
+    from densessl.eval.commands import EVAL_COMMANDS
+
+    parser = build_parser()
+    for command in EVAL_COMMANDS:
+        assert parser.parse_args(["eval", command, "random"]).protocol == command

@@ -24,7 +24,6 @@ from densessl.eval.dense.overcluster import run_overcluster
 from densessl.eval.dense.region import run_region
 from densessl.eval.dense.retrieval import run_retrieval
 from densessl.eval.features import recompute_bn_stats
-from densessl.eval.protocols import default_out, write_metrics
 
 SECTION = {"retrieval": "retrieval", "linear_seg": "seg", "overcluster": "cluster", "region": "region"}
 COMMANDS = {"retrieval": "retrieval", "linear-seg": "linear_seg", "overcluster": "overcluster", "region": "region"}
@@ -102,17 +101,4 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
-def run_cli(spec: str, overrides: list[str], command: str = "dense") -> int:
-    from pathlib import Path
-
-    cfg = dense_config(overrides)
-    probes = list(cfg.probes) if command == "dense" else [COMMANDS[command]]
-    result = evaluate_dense(spec, probes, cfg)
-    out = default_out(spec, command, cfg)
-    write_metrics(result, Path(out))
-    print("\n".join(summary_lines(result)))
-    print(f"wrote {out}")
-    return 0
-
-
-__all__ = ["PROBES", "evaluate_dense", "run_cli", "summary_lines"]
+__all__ = ["PROBES", "evaluate_dense", "summary_lines"]
