@@ -82,7 +82,8 @@ def cmd_report(args) -> int:
 
     study = load_study(args.study)
     table = Path(args.table) if args.table else default_paths(study)[0]
-    for path in write_report(study, table, Path(args.out), Path(args.figure) if args.figure else None):
+    for path in write_report(study, table, Path(args.out), Path(args.figure) if args.figure else None,
+                             Path(args.readme) if args.readme else None):
         print(f"wrote {path}")
     return 0
 
@@ -183,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--table", help="the results table (default: runs/studies/NAME/results.jsonl)")
     rp.add_argument("--out", default="docs/results.md", help="the page to write (default: docs/results.md)")
     rp.add_argument("--figure", help="the chart (default: beside the page, <out stem>.png)")
+    rp.add_argument("--readme", help="also rewrite the study's headline block in this file (README.md), "
+                                     "between its marker lines")
     rp.set_defaults(func=cmd_report)
 
     from densessl.demo import RECIPE

@@ -76,6 +76,13 @@ class ReportMetric:
 
 
 @dataclass
+class Headline:
+    """The few figures README.md quotes, written there by `densessl report --readme`."""
+    run: str  # the run README's main job trains (its recipe and budget)
+    metrics: list[str] = field(default_factory=list)  # labels of report metrics
+
+
+@dataclass
 class Study:
     name: str
     description: str = ""
@@ -86,6 +93,7 @@ class Study:
     protocols: list[StudyProtocol] = field(default_factory=list)
     claims: list[Claim] = field(default_factory=list)
     report: list[ReportMetric] = field(default_factory=list)  # the headline metrics of the results page
+    headline: Headline | None = None
 
 
 def find_study(name_or_path: str) -> Path:
@@ -113,6 +121,12 @@ def load_study(name_or_path: str) -> Study:
     names = [r.label for r in study.runs]
     if "random" in names or len(set(names)) != len(names):
         raise ConfigError(f"{path}: run names must be unique and not 'random' (got {names}); set runs[i].name")
+    if study.headline is not None:
+        labels = [m.label for m in study.report]
+        if study.headline.run not in names or not set(study.headline.metrics) <= set(labels):
+            raise ConfigError(f"{path}: headline names run {study.headline.run!r} and metrics "
+                              f"{study.headline.metrics}; expected a declared run and labels of report metrics "
+                              f"({', '.join(labels)})")
     protos = [p.name for p in study.protocols]
     if len(set(protos)) != len(protos):
         raise ConfigError(f"{path}: protocol names must be unique (got {protos})")
