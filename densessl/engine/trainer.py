@@ -114,6 +114,7 @@ class Trainer:
         t = cfg.train
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.dataset = build_dataset(cfg.data, split="train", method_cfg=cfg.method)
+        self._views = None  # the view dataset, built on first use (view_dataset)
         if t.batch_size < 1:
             raise ConfigError(f"train.batch_size={t.batch_size}; expected a batch of at least 1")
         if len(self.dataset) < t.batch_size:
@@ -223,16 +224,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
+    def view_dataset(self) -> tuple:
+        """(view dataset keyed by (epoch, index), collate), built once per run: the video variant's
+        frame pairs hold a flow model and a cache that every epoch reuses."""
+        if self._views is None:
+            own_views = self.method.view_dataset(self.dataset, self.cfg)  # None but for methods with their own
+            if own_views is not None:
+                views, collate = own_views
+                if hasattr(views, "use_device"):  # frame pairs: a learned flow model (RAFT) runs on train.device's
+                    views.use_device(self.dist.device)
+            else:
+                views, collate = ViewDataset(self.dataset, ViewSampler(self.cfg.views), seed=self.cfg.train.seed), \
+                    collate_views
+            self._views = views, collate
+        return self._views
+
     def loader(self, epoch: int, start: int = 0) -> DataLoader:
         """The view batches of `epoch` from its batch `start` on (resumable; also used by benchmarks)."""
         t = self.cfg.train
-        own_views = self.method.view_dataset(self.dataset, self.cfg)  # None but for methods with their own (video)
-        if own_views is not None:
-            views, collate = own_views
-            if hasattr(views, "use_device"):  # frame pairs: a learned flow model (RAFT) runs on train.device's
-                views.use_device(self.dist.device)
-        else:
-            views, collate = ViewDataset(self.dataset, ViewSampler(self.cfg.views), seed=t.seed), collate_views
+        views, collate = self.view_dataset()
         sampler = ResumableBatchSampler(len(self.dataset), t.batch_size, self.steps_per_epoch, t.seed, epoch,
                                         start, self.dist.rank, self.dist.world_size,
                                         shard_sizes=getattr(self.dataset, "shard_sizes", None))  # data.dataset=shards

@@ -239,3 +239,15 @@ def test_data_wait_share_is_logged_per_interval(tiny_overrides, tmp_path, monkey
     shares = [r["data_wait_frac"] for r in recs if "loss" in r]
     assert len(shares) == 4 and all(0.0 <= s <= 1.0 for s in shares)
     assert min(shares) > 0.5
+
+
+def test_the_view_dataset_is_built_once_per_run_not_per_epoch(tiny_overrides, monkeypatch):
+    """The video variant's frame pairs hold a flow model and cache: rebuilding them every epoch
+    re-loaded RAFT each time. The trainer builds the view dataset on first use and keeps it."""
+    from densessl.methods.byol import BYOL
+
+    calls = []
+    original = BYOL.view_dataset
+    monkeypatch.setattr(BYOL, "view_dataset", lambda self, *a: calls.append(1) or original(self, *a))
+    trainer = Trainer(build_config("byol-scenes", tiny_overrides + ["train.epochs=3"]))
+    assert trainer.fit()["step"] == 12 and len(calls) == 1
