@@ -65,6 +65,7 @@ class MomentumMethod(Method):
         self.momentum_schedule = schedule
         self.update_for_next_step = update_for_next_step
         self.momentum = schedule.base
+        self._ema_params = None  # (target params, online params) of every pair, flat: one lerp per step
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         raise NotImplementedError
@@ -77,8 +78,14 @@ class MomentumMethod(Method):
             if step + 1 >= total_steps:
                 return
             m = self.momentum_schedule.at(step + 1, total_steps)
-        for target, online in self.momentum_pairs():
-            ema_update_(target, online, m)
+        if self._ema_params is None:  # the modules are final by the first step (device, DDP, compile keep them)
+            pairs = [(list(t.parameters()), list(o.parameters())) for t, o in self.momentum_pairs()]
+            if any(len(t) != len(o) for t, o in pairs):
+                raise ValueError(f"{type(self).__name__}: a momentum target and its online module differ in "
+                                 f"parameters ({[(len(t), len(o)) for t, o in pairs]})")
+            self._ema_params = [p for t, _ in pairs for p in t], [p for _, o in pairs for p in o]
+        targets, onlines = self._ema_params
+        torch._foreach_lerp_(targets, onlines, 1.0 - m)  # ema_update_ over every pair in one pass
 
 
 # ---------------------------------------------------------------- shuffle-BN
