@@ -30,18 +30,24 @@ def precompute_flows(source, model: "flowlib.FlowModel", cache: "flowlib.FlowCac
         i = v * per_video
         n = source.num_frames(i)
         key = source.video_key(i)
+        frame_shape = None  # (H, W): read from the video's first frame, once
         for phase in range(min(stride, max(n - stride, 0))):  # frames phase, phase + stride, ... form one chain
             ids = list(range(phase, n, stride))
             for s in range(0, len(ids) - 1, chunk - 1):
                 part = ids[s:s + chunk]
-                frames = source.read_clip(i, part)["frames"]
-                size = flowlib.flow_size_for(*frames.shape[-2:], flow_size)
-                fw, bw = flowlib.pairwise_flows(frames, part, key, model, cache, size)
+                if frame_shape is None:
+                    frame_shape = tuple(source.read_clip(i, [0])["frames"].shape[-2:])
+                size = flowlib.flow_size_for(*frame_shape, flow_size)
+
+                def read(positions, part=part):  # only the frames of pairs the cache lacks (a rerun reads none)
+                    frames = source.read_clip(i, [part[k] for k in positions])["frames"]
+                    return dict(zip(positions, frames))
+
+                fw, bw = flowlib.cached_pairwise_flows(part, frame_shape, read, key, model, cache, size)
                 done += len(fw) + len(bw)
         if log is not None:
             log(f"video {v + 1}/{n_videos} {key}: {n} frames")
     return done
-
 
 def run_flows(args) -> int:
     k, n = _shard(args.shard)

@@ -333,6 +333,15 @@ def test_estimated_flow_is_cached_and_precomputed(tmp_path):
     assert ShiftFlow.calls == 6  # everything came from the cache
     assert s["flow"].shape == (2, 8, 12) and torch.allclose(s["flow"], torch.full((2, 8, 12), 1.0))  # 2 x 0.5
     assert torch.allclose(s["flow_back"], torch.full((2, 8, 12), 1.0))
+    reads = []
+    original = vf.read_clip
+    vf.read_clip = lambda i, ids: reads.append(list(ids)) or original(i, ids)
+    assert precompute_flows(vf, ShiftFlow(), cache, stride=2, flow_size=12, log=None) == 6  # found, not computed
+    assert ShiftFlow.calls == 6 and reads == [[0]]  # a rerun decodes one frame (the size), not the video
+    cache.path("shift@8x12", vf.video_key(0), 1, 3).unlink()
+    reads.clear()
+    precompute_flows(vf, ShiftFlow(), cache, stride=2, flow_size=12, log=None)
+    assert ShiftFlow.calls == 7 and reads == [[0], [1, 3]]  # only the frames of the missing pair
 
 
 def test_segmentation_items_from_moving_scenes():
