@@ -29,7 +29,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 

@@ -7,7 +7,6 @@ except `eval.<key>=value`, which go to the evaluation (e.g. eval.num_train=1000)
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

@@ -1,9 +1,7 @@
 """`densessl study` and `densessl report` end to end on a tiny grid: killed mid-run and rerun,
 every row is in the table once, and the page's numbers are the table's."""
-import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys

@@ -129,6 +129,11 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def rank() -> int:
+    """This process's rank in the default group (0 without torch.distributed)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 @torch.no_grad()
 def concat_all_gather(t: torch.Tensor) -> torch.Tensor:
     """Concatenate `t` from every rank along dim 0, in rank order (no gradient).

@@ -46,7 +46,6 @@ from torch import nn
 
 from densessl.config import ConfigError, require_extra
 from densessl.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from densessl.eval import finetune
 from densessl.eval.finetune import FinetuneConfig, FinetuneTask, eval_batches, fine_tune
 from densessl.eval.transfer import autocast, transfer_config
 

@@ -38,7 +38,6 @@ from torch import nn
 
 from densessl.config import ConfigError
 from densessl.data.augment import normalize
-from densessl.eval import finetune
 from densessl.eval.finetune import FinetuneConfig, FinetuneTask, eval_batches, fine_tune
 from densessl.eval.transfer import autocast, transfer_config
 

@@ -19,12 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from densessl.common.errors import ConfigError
-from densessl.common.distributed import AllReduceBatchNorm, concat_all_gather, world_size
+from densessl.common.distributed import AllReduceBatchNorm, concat_all_gather, rank, world_size
 from densessl.common.ema import ema_update_, make_target  # noqa: F401  (make_target: the methods build targets with it)
 from densessl.common.schedules import cosine_momentum
 from densessl.methods.base import Method
@@ -91,10 +90,6 @@ class MomentumMethod(Method):
 # ---------------------------------------------------------------- shuffle-BN
 
 
-def _rank() -> int:
-    return dist.get_rank() if world_size() > 1 else 0
-
-
 def shuffle_permutation(n_global: int, step: int, device) -> torch.Tensor:
     """A permutation of the global batch that every rank derives alike from the step index."""
     g = torch.Generator(device=device)
@@ -105,13 +100,13 @@ def shuffle_permutation(n_global: int, step: int, device) -> torch.Tensor:
 def batch_shuffle(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """This rank's slice of the gathered global batch, permuted by `perm` (no gradient)."""
     x_all = concat_all_gather(x)
-    return x_all[perm.view(world_size(), -1)[_rank()]]
+    return x_all[perm.view(world_size(), -1)[rank()]]
 
 
 def batch_unshuffle(y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """Inverse of batch_shuffle: gather the outputs and take back this rank's original samples."""
     y_all = concat_all_gather(y)
-    return y_all[torch.argsort(perm).view(world_size(), -1)[_rank()]]
+    return y_all[torch.argsort(perm).view(world_size(), -1)[rank()]]
 
 
 @torch.no_grad()

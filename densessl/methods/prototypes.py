@@ -8,16 +8,11 @@ past embeddings (not scores), re-scored each step against the current prototypes
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from densessl.common.distributed import concat_all_gather, world_size
+from densessl.common.distributed import concat_all_gather, rank, world_size
 from densessl.methods.base import Method
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 class EmbeddingQueue(nn.Module):
@@ -49,7 +44,7 @@ class EmbeddingQueue(nn.Module):
     def rank_rows(self, slot: int, length: int) -> torch.Tensor:
         """This rank's 1/W share of the first `length` rows (length is a multiple of W)."""
         n = length // world_size()
-        r = _rank()
+        r = rank()
         return self.queue[slot, r * n:(r + 1) * n]
 
     @torch.no_grad()

@@ -32,7 +32,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from densessl.data.geometry import scrl_boxes
-from densessl.common.distributed import AllReduceBatchNorm
+from densessl.common.distributed import AllReduceBatchNorm, rank
 from densessl.methods import register
 from densessl.methods.base import forward_by_resolution
 from densessl.methods.losses import byol_loss, embedding_std
@@ -136,8 +136,7 @@ class SCRL(MomentumMethod):
         return [(self.target_backbone, self.backbone), (self.target_projector, self.projector)]
 
     def _seed(self) -> int:
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        return ((self.cfg.box_seed * 1_000_003 + int(self.current_step)) * 4096 + rank) % (2 ** 63)
+        return ((self.cfg.box_seed * 1_000_003 + int(self.current_step)) * 4096 + rank()) % (2 ** 63)
 
     def boxes(self, views, batch):
         """The step's box pairs (CPU tensors), drawn from the batch geometry."""

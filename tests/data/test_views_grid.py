@@ -57,7 +57,7 @@ def test_paper_level_sizes_and_cell_size_floor():
     assert [v.shape[-1] for v in views] == [224] * 2 + [96] * 6 + [112] * 8 + [96] * 18
     # all patches of one level lie inside one region; the two views of a cell overlap heavily
     lvl2 = np.array([g.box for g in geoms[16:]])
-    x0, y0 = lvl2[:, 0].min(), lvl2[:, 1].min()
+    x0 = lvl2[:, 0].min()
     cell_w = (lvl2[:, 2].max() - x0) / 3  # >= a cell's width in source units (up to the dropped 2 px)
     for k in range(9):
         a, b = lvl2[k], lvl2[9 + k]

@@ -1,6 +1,5 @@
 """End-to-end behaviour of the trainer on tiny runs: resume, kill, NaN, distributed."""
 import json
-import os
 import signal
 import subprocess
 import sys

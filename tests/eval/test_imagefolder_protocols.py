@@ -3,7 +3,6 @@ seeded split of one folder; the classes come from the folder (not the built-in 1
 import json
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from densessl.cli import main

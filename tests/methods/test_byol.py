@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_momentum_end_moves_target_halfway
-from densessl.common.ema import ema_update_, make_target
+from densessl.common.ema import ema_update_
 from densessl.common.schedules import cosine_momentum
 from densessl.methods.byol import BYOL, BYOLConfig
 from densessl.methods.losses import byol_loss, regression_loss

@@ -16,7 +16,7 @@ from torch.utils.data import Subset
 
 from densessl.common.distributed import pick_device
 from densessl.eval.backbone import load_backbone
-from densessl.eval.dense.config import PROBES, DenseConfig, dense_config, parse_stage_set
+from densessl.eval.dense.config import PROBES, DenseConfig, parse_stage_set
 from densessl.eval.dense.data import dense_dataset
 from densessl.eval.dense.features import DTYPES, extract_dense
 from densessl.eval.dense.linear_seg import run_linear_seg
