@@ -16,6 +16,8 @@ contender, so a failing or killed stage keeps what the others measured:
                 ImageFolder of JPEGs this script writes, for --pretrain-seconds; images/s and
                 data_wait_frac (the share of the step spent waiting on the DataLoader) from
                 the run's metrics.jsonl.
+  pretrain_device_decode : the same with data.decode_on=device (the workers read bytes and
+                draw crops; the JPEGs are decoded on the GPU by nvJPEG, the views cut there).
   compiled    : the steps again with torch.compile (on by default with CUDA); a compile error
                 is recorded and that contender is measured eagerly instead.
 
@@ -51,9 +53,9 @@ from densessl import bench  # noqa: E402
 from densessl.common.machine import describe_machine  # noqa: E402
 
 METHODS = ("byol", "pixpro", "swav")
-STAGES = ("steps", "pretrain", "compiled")
+STAGES = ("steps", "pretrain", "pretrain_device_decode", "compiled")
 # sizes: GPU defaults, and the tiny mode that runs every code path on a CPU in seconds
-GPU = dict(batch=64, size=224, small_size=96, warmup=5, steps=20, pretrain_seconds=120.0, pretrain_steps=100_000,
+GPU = dict(batch=64, size=224, small_size=96, warmup=5, steps=20, pretrain_seconds=75.0, pretrain_steps=100_000,
            jpegs=4000, jpeg_min_side=320, jpeg_max_side=500, workers=None, log_every=20, lightly_backbone="resnet50",
            threads=None)
 # tiny: one thread (tiny models on a loaded 2-core machine: a second thread costs seconds a step)
@@ -144,10 +146,11 @@ def summary(report: dict) -> dict:
         theirs = steps.get(ref, {}).get("images_per_s")
         if isinstance(ours, float) and isinstance(theirs, float) and not report["settings"]["tiny"]:
             out[f"steps.byol_vs_{ref}"] = round(ours / theirs, 3)  # tiny: different backbones, no ratio
-    pre = report["stages"].get("pretrain", {})
-    for k in ("images_per_s", "data_wait_frac"):
-        if isinstance(pre.get(k), float):
-            out[f"pretrain.{k}"] = round(pre[k], 4)
+    for stage in ("pretrain", "pretrain_device_decode"):
+        pre = report["stages"].get(stage, {})
+        for k in ("images_per_s", "data_wait_frac"):
+            if isinstance(pre.get(k), float):
+                out[f"{stage}.{k}"] = round(pre[k], 4)
     return out
 
 
@@ -435,8 +438,8 @@ def write_jpeg_folder(root: Path, n: int, lo: int, hi: int, classes: int = 10) -
             "write_s": time.perf_counter() - t0}
 
 
-def pretrain_overrides(args, root: Path, run_dir: Path) -> list[str]:
-    out = [f"data.root={root}", "data.dataset=imagefolder", f"train.batch_size={args.batch}", "train.epochs=1",
+def pretrain_overrides(args, root: Path, run_dir: Path, decode_on: str = "workers") -> list[str]:
+    out = [f"data.root={root}", "data.dataset=imagefolder", f"data.decode_on={decode_on}", f"train.batch_size={args.batch}", "train.epochs=1",
            f"train.steps_per_epoch={args.pretrain_steps}", f"train.log_every={args.log_every}",
            "train.ckpt_every=1000000000", "train.keep_every=0", "train.progress=false", "train.tensorboard=false",
            "train.knn_every=0", f"train.precision={args.precision}",
@@ -481,13 +484,13 @@ def interval_summary(records: list[dict], batch: int) -> dict:
     return out
 
 
-def pretrain_stage(stage: dict, args, report: dict) -> None:
+def pretrain_stage(stage: dict, args, report: dict, decode_on: str = "workers") -> None:
     budget = report["_budget"]
     work = Path(tempfile.mkdtemp(prefix="densessl-device-check-"))
     root, run_dir = work / "jpegs", work / "run"
     stage.update(write_jpeg_folder(root, args.jpegs, args.jpeg_min_side, args.jpeg_max_side))
     seconds = min(args.pretrain_seconds, max(20.0, budget.left() + 45.0))
-    overrides = pretrain_overrides(args, root, run_dir)
+    overrides = pretrain_overrides(args, root, run_dir, decode_on)
     cmd = [sys.executable, "-m", "densessl", "pretrain", args.pretrain_recipe, *overrides]
     stage.update(recipe=args.pretrain_recipe, command=" ".join(cmd), time_limit_s=seconds, batch=args.batch)
     env = dict(os.environ)
@@ -560,9 +563,10 @@ def main(argv=None) -> int:
         run_stage(report, "environment", environment, args, need=None)
         if "steps" in args.stages:
             run_stage(report, "steps", steps_stage, args, report, False)
-        if "pretrain" in args.stages:
-            run_stage(report, "pretrain", pretrain_stage, args, report,
-                      need=0.0 if args.tiny else min(args.pretrain_seconds, 60.0) + 20.0)
+        for name, decode_on in (("pretrain", "workers"), ("pretrain_device_decode", "device")):
+            if name in args.stages:
+                run_stage(report, name, pretrain_stage, args, report, decode_on,
+                          need=0.0 if args.tiny else min(args.pretrain_seconds, 60.0) + 20.0)
         if "compiled" in args.stages:
             run_stage(report, "compiled", steps_stage, args, report, True)
     finally:

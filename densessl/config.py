@@ -118,6 +118,10 @@ class DataConfig:
     # smear of a few pixels (1x1, 1-px-wide strips); icons and thumbnails start at 16 px.
     min_side: int = 16
     style: str = "textured"  # fashion_scenes backgrounds and tints: textured | uniform | plain | photo
+    # imagefolder / shards, pretraining: where images are decoded. workers: in the loader workers (default);
+    # device: the workers read bytes and draw crops, the training process decodes on train.device
+    # (nvJPEG on a GPU) and cuts the views there (densessl/data/device_decode.py)
+    decode_on: str = "workers"
 
 
 @dataclass

@@ -66,6 +66,9 @@ def test_tiny_run_writes_every_stage(tmp_path):
     assert positive(pre["images_per_s"]) and 0.0 <= pre["data_wait_frac"] <= 1.0
     assert [r["step"] for r in pre["records"]] == [1, 2, 3, 4]
     assert all(0.0 <= r["data_wait_frac"] <= 1.0 and positive(r["images_per_s"]) for r in pre["records"])
+    dev = d["stages"]["pretrain_device_decode"]  # data.decode_on=device: on this CPU, the workers' losses
+    assert dev["status"] == "ok" and dev["steps"] == 4 and "data.decode_on=device" in dev["command"], dev.get("log_tail")
+    assert [r["loss"] for r in dev["records"]] == [r["loss"] for r in pre["records"]]
 
     compiled = d["stages"]["compiled"]  # --compile auto: on with CUDA only
     assert compiled["status"] == ("skipped" if not torch.cuda.is_available() else "ok")
@@ -117,6 +120,6 @@ def test_wrapper_runs_from_the_repo_root_and_the_budget_stops_new_stages(tmp_pat
     assert proc.returncode == 0, proc.stderr
     d = json.loads(out.read_text())
     assert d["stages"]["environment"]["status"] == "ok"
-    for name in ("steps", "pretrain", "compiled"):
+    for name in ("steps", "pretrain", "pretrain_device_decode", "compiled"):
         assert d["stages"][name]["status"] == "skipped" and "time budget" in d["stages"][name]["reason"]
     assert d["settings"]["budget_s"] == 0 and d["finished"]

@@ -62,6 +62,24 @@ def decode_rgb(src: str | os.PathLike | bytes | bytearray | memoryview, decoder:
     return _pil(data)
 
 
+def encoded_hw(data: bytes) -> tuple[int, int] | None:
+    """(H, W) from an encoded image's header (PIL reads only the header), or None if unreadable."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            return h, w
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def fit_square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """The readers' data.size rule: shorter side resized to `size` (bilinear, antialiased), centre
+    `size` x `size` kept."""
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
+
+
 @functools.lru_cache(maxsize=None)
 def jpeg_decoder(name: str | None = None):
     """(name, decode_jpeg, RGB mode) of torchcodec if installed, else torchvision (or `name`)."""

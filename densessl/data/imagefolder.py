@@ -7,10 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.utils.data import Dataset
-from torchvision.transforms.v2 import functional as TF
 
 from densessl.common.errors import ImageReadError  # noqa: F401  (raised here; importers take it from here too)
-from densessl.data.image_io import DecodeError, decode_rgb
+from densessl.data.image_io import DecodeError, decode_rgb, encoded_hw, fit_square
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -126,8 +125,29 @@ class ImageFolder(Dataset):
                 f"data.on_error=skip, or lower data.min_side (in Python: ImageFolder(..., on_error='skip', "
                 f"min_side=...))")
         if self.size is not None:
-            image = TF.center_crop(TF.resize(image, self.size, antialias=True), [self.size, self.size])
+            image = fit_square(image, self.size)
         item = {"image": image, "path": path}
+        if self.labelled:
+            item["label"] = torch.tensor(label, dtype=torch.int64)
+        return item
+
+    def encoded(self, index: int) -> dict:
+        """The file's bytes, undecoded, with the size of the image its views are cut from
+        (data.decode_on=device: densessl/data/device_decode.py); the same checks as __getitem__'s
+        that the header allows (an undecodable body is reported when it is decoded)."""
+        path, label = self.samples[index]
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ImageReadError(f"could not read image {path!r} ({type(e).__name__}: {e})") from e
+        hw = encoded_hw(data)
+        if hw is None:  # a header PIL cannot read: decode it (the readers' ImageReadError names the file)
+            hw = tuple(read_image_rgb(path).shape[-2:])
+        if min(hw) < self.min_side:
+            self[index]  # the shorter-side error, worded once
+        item = {"data": data, "hw": hw if self.size is None else (self.size, self.size), "where": repr(path),
+                "fit": self.size}
         if self.labelled:
             item["label"] = torch.tensor(label, dtype=torch.int64)
         return item

@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision.transforms.v2 import functional as TF
 
 from densessl.config import ConfigError, require_extra
 
@@ -145,6 +144,18 @@ class _FrameList:
 
     def path(self, i):
         return self.frames[i][2]
+
+
+def _fields(record: dict) -> dict:
+    """A stored record's fields beside its image, as tensors the loader can batch."""
+    out = {}
+    for k, v in record.items():
+        if k == "label":
+            v = torch.tensor(v, dtype=torch.int64)
+        elif isinstance(v, torch.Tensor):
+            v = v.clone()  # litdata's tensors view its read-only chunk buffer
+        out[k] = v
+    return out
 
 
 def write_order(source, kind: str, order: str, seed: int) -> np.ndarray:
@@ -295,7 +306,7 @@ class ShardDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         from densessl.data.imagefolder import ImageReadError
-        from densessl.data.image_io import DecodeError, decode_rgb
+        from densessl.data.image_io import DecodeError, decode_rgb, fit_square
 
         i = int(index)
         if not 0 <= i < len(self):
@@ -310,15 +321,24 @@ class ShardDataset(Dataset):
             raise ImageReadError(f"image of {where} is {image.shape[2]}x{image.shape[1]} px, its shorter side "
                                  f"below data.min_side={self.min_side} px; lower data.min_side")
         if self.size is not None:
-            image = TF.center_crop(TF.resize(image, self.size, antialias=True), [self.size, self.size])
-        item = {"image": image}
-        for k, v in record.items():
-            if k == "label":
-                v = torch.tensor(v, dtype=torch.int64)
-            elif isinstance(v, torch.Tensor):
-                v = v.clone()  # litdata's tensors view its read-only chunk buffer
-            item[k] = v
-        return item
+            image = fit_square(image, self.size)
+        return {"image": image, **_fields(record)}
+
+    def encoded(self, index: int) -> dict:
+        """The sample's stored bytes, undecoded, with the size of the image its views are cut from
+        (data.decode_on=device: densessl/data/device_decode.py)."""
+        from densessl.data.image_io import decode_rgb, encoded_hw
+
+        i = int(index)
+        record = self._read(i)
+        data = bytes(record.pop("image"))
+        hw = encoded_hw(data)
+        if hw is None or min(hw) < self.min_side:
+            self[i]  # the decode or shorter-side error, worded once (__getitem__ raises it)
+            hw = tuple(decode_rgb(data).shape[-2:])  # a header PIL could not read, decodable after all
+        where = f"sample {i} of {self.root} (source item {record.get('source_index')})"
+        return {"data": data, "hw": hw if self.size is None else (self.size, self.size), "where": where,
+                "fit": self.size, **_fields(record)}
 
     def __getstate__(self):  # DataLoader workers open their own reader
         state = dict(self.__dict__)

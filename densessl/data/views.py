@@ -57,8 +57,22 @@ def crop_view(image: torch.Tensor, top: int, left: int, h: int, w: int, flip: bo
     view = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
     if flip:
         view = view.flip(-1)
-    geom = Geometry(box=(left / W, top / H, (left + w) / W, (top + h) / H), flip=flip, size=(size, size))
-    return view, geom
+    return view, Crop(top, left, h, w, flip, size).geometry(H, W)
+
+
+@dataclass(frozen=True)
+class Crop:
+    """One view's crop of an H x W image, in pixels, before it is cut (data.decode_on=device)."""
+    top: int
+    left: int
+    h: int
+    w: int
+    flip: bool
+    size: int
+
+    def geometry(self, H: int, W: int) -> Geometry:
+        return Geometry(box=(self.left / W, self.top / H, (self.left + self.w) / W, (self.top + self.h) / H),
+                        flip=self.flip, size=(self.size, self.size))
 
 
 def slots_per_group(g: ViewConfig) -> int:
@@ -118,6 +132,18 @@ class ViewSampler:
         self.groups = groups
         for i, g in enumerate(groups):
             check_grid_group(g, f"views[{i}]")
+
+    def draw(self, H: int, W: int, rng: np.random.Generator) -> list[Crop]:
+        """The crops `__call__` would cut from an H x W image with the same `rng` (crop groups only)."""
+        crops = []
+        for i, g in enumerate(self.groups):
+            if g.grid > 0:
+                raise ValueError(f"views[{i}] is a pyramid grid (grid={g.grid}): its patches are cut on the loader "
+                                 f"workers; set data.decode_on=workers")
+            for _ in range(g.count):
+                top, left, h, w = sample_crop(rng, H, W, g.scale, g.ratio)
+                crops.append(Crop(top, left, h, w, bool(rng.random() < g.flip_p), g.size))
+        return crops
 
     def __call__(self, image: torch.Tensor, rng: np.random.Generator) -> tuple[list[torch.Tensor], list[Geometry]]:
         H, W = image.shape[-2:]

@@ -165,6 +165,8 @@ class Trainer:
         self.log_file = None
         self.tracker = None  # train.tracker, opened by rank 0 (densessl/engine/trackers.py)
         self._first_z_std, self._collapse_warned = None, False
+        if cfg.data.decode_on != "workers":
+            self.view_dataset()  # what device decoding cannot do is refused here, before the first step
 
     # ------------------------------------------------------------------ state
 
@@ -229,6 +231,9 @@ class Trainer:
         frame pairs hold a flow model and a cache that every epoch reuses."""
         if self._views is None:
             own_views = self.method.view_dataset(self.dataset, self.cfg)  # None but for methods with their own
+            if self.cfg.data.decode_on != "workers":
+                self._views = _device_decode_views(self.dataset, own_views, self.cfg)
+                return self._views
             if own_views is not None:
                 views, collate = own_views
                 if hasattr(views, "use_device"):  # frame pairs: a learned flow model (RAFT) runs on train.device's
@@ -274,6 +279,11 @@ class Trainer:
         non-view entries on the device; advances `self.step`."""
         t, device = self.cfg.train, self.dist.device
         self._set_schedules()
+        if "encoded" in batch:  # data.decode_on=device: decode and cut the views here (data/device_decode.py)
+            from densessl.data.device_decode import decode_views
+
+            batch = {k: v for k, v in batch.items() if k not in ("encoded", "crops", "where", "fit")} | \
+                {"views": decode_views(batch, device)}
         views = augment_batch(batch["views"], self.cfg.views, t.seed, self.step, device,
                               self.dist.rank, self.dist.world_size, self.channels_last)
         cpu_geometry = {"box": batch["box"], "flip": batch["flip"]}
@@ -415,6 +425,23 @@ class Trainer:
             self.log_file.close()
         if self.tracker is not None:
             self.tracker.close()
+
+
+def _device_decode_views(dataset, own_views, cfg) -> tuple:
+    """(EncodedViews, collate_encoded) for data.decode_on=device, or one ConfigError saying why not."""
+    from densessl.data.device_decode import DECODE_ON, EncodedViews, collate_encoded
+
+    if cfg.data.decode_on not in DECODE_ON:
+        raise ConfigError(f"data.decode_on={cfg.data.decode_on!r}; expected one of {', '.join(DECODE_ON)}")
+    if own_views is not None or not hasattr(dataset, "encoded"):
+        raise ConfigError(f"data.decode_on=device decodes image files (data.dataset=imagefolder or shards); "
+                          f"data.dataset={cfg.data.dataset} with method {cfg.method.name} makes its own images: "
+                          f"set data.decode_on=workers")
+    grids = [i for i, g in enumerate(cfg.views) if g.grid > 0]
+    if grids:
+        raise ConfigError(f"data.decode_on=device cuts crop views; views[{grids[0]}] is a pyramid grid "
+                          f"(grid={cfg.views[grids[0]].grid}), cut on the loader workers: set data.decode_on=workers")
+    return EncodedViews(dataset, ViewSampler(cfg.views), seed=cfg.train.seed), collate_encoded
 
 
 def _to_device(batch: dict, device) -> dict:
