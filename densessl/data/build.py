@@ -7,7 +7,8 @@ def build_dataset(data_cfg, split: str = "train", with_masks: bool = False, sing
     """fashion_scenes (built in), imagefolder (data.root), shards (data.root), or the video sources moving_scenes /
     video_frames (their frame settings live in the method's `video:` section). `num` overrides
     data.num_scenes."""
-    if data_cfg.dataset in ("moving_scenes", "video_frames"):
+    video_method = getattr(method_cfg, "video", None) is not None
+    if data_cfg.dataset in ("moving_scenes", "video_frames") or (data_cfg.dataset == "shards" and video_method):
         from densessl.data.video import build_video_source
 
         video_cfg = getattr(method_cfg, "video", None)

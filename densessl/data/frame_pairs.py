@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from densessl.common.errors import ConfigError
 from densessl.data import flow as flowlib
 from densessl.data.video import VideoReadError
 from densessl.data.views import ViewSampler, collate_views, expand_slots
@@ -49,8 +50,9 @@ class FramePairViews(Dataset):
         if isinstance(flow, str) and flow not in ("gt", "none"):
             raise ValueError(f"flow must be 'gt', 'none' or a FlowModel, got {flow!r}")
         if flow == "gt" and nframes > 1 and not getattr(source, "has_gt_flow", False):
-            raise ValueError(f"flow='gt' needs a source with ground-truth flow (MovingScenes); {type(source).__name__} "
-                             f"has none: estimate it (dis, farneback, or a learned model)")
+            raise ConfigError(f"method.video.flow=gt needs a source with ground-truth flow (data.dataset=moving_scenes); "
+                              f"{type(source).__name__} has none: estimate it (method.video.flow=dis, farneback, or "
+                              f"a learned model: raft_small, raft_large)")
         self.source, self.seed, self.nframes, self.stride = source, int(seed), int(nframes), int(stride)
         self.flow, self.cache, self.flow_size = flow, cache, flow_size
         self.samplers = [ViewSampler([slots[0]]), ViewSampler([slots[1]])]

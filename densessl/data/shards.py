@@ -146,6 +146,20 @@ class _FrameList:
         return self.frames[i][2]
 
 
+def _video_table(frames: "_FrameList", positions) -> list[list]:
+    """[video name, position of its first frame, frame count] in written order (write_order keeps a
+    video's frames contiguous and in order; checked here, as the reader relies on it)."""
+    table = []
+    for pos, i in enumerate(positions):
+        name, k, _ = frames.frames[int(i)]
+        if k == 0:
+            table.append([name, pos, 0])
+        if not table or table[-1][0] != name or table[-1][1] + k != pos:
+            raise RuntimeError(f"video {name!r} frame {k} written at {pos}: frames must be contiguous and in order")
+        table[-1][2] += 1
+    return table
+
+
 def _fields(record: dict) -> dict:
     """A stored record's fields beside its image, as tensors the loader can batch."""
     out = {}
@@ -232,10 +246,13 @@ def write_shards(src, out, shard_size: int = 1000, shard_bytes: str | None = Non
         shutil.rmtree(out, ignore_errors=True)
         raise ConfigError(f"{src}: its items hold values litdata stores as {unsafe}; expected only {SAFE_FORMATS}")
     sizes = [int(c["chunk_size"]) for c in chunks]
+    videos = _video_table(source, positions) if kind == "video_frames" else None
     meta = {"format": FORMAT, "version": 1, "litdata": litdata.__version__, "source": str(Path(src).resolve()),
             "kind": kind, "split": split, "classes": classes, "order": order, "seed": seed if order == "shuffled" else None,
             "count": int(sum(sizes)), "shard_sizes": sizes,
             "shard_files": [c["filename"] for c in chunks]}
+    if videos is not None:  # [name, first position, frames] per video: what ShardVideoFrames reads clips by
+        meta["videos"] = videos
     (out / META).write_text(json.dumps(meta, indent=1) + "\n")
     return {"out": str(out), "kind": kind, "split": split, "count": meta["count"], "shards": len(sizes),
             "bytes": sum((out / f).stat().st_size for f in meta["shard_files"]), "classes": len(classes),
@@ -348,3 +365,79 @@ class ShardDataset(Dataset):
     def __repr__(self) -> str:
         return (f"ShardDataset({str(self.root)!r}, kind={self.kind}, samples={len(self)}, "
                 f"shards={len(self.shard_sizes)})")
+
+
+class ShardVideoFrames(Dataset):
+    """The videos of a video-frames shard folder, with VideoFrames' interface (num_frames,
+    video_key, read_clip ...), so that the optical-flow variant pretrains on shards
+    (``data.dataset=shards`` with ``method.name=pixpro_video``). `read_clip` reads and decodes
+    exactly the frames asked for, from the shards that hold them (a video's frames are contiguous,
+    `meta["videos"]`). `size`, `items_per_video`, `min_frames` act as VideoFrames' do."""
+
+    has_gt_flow = False
+
+    def __init__(self, root: str | os.PathLike, size: int | None = None, items_per_video: int = 1,
+                 min_frames: int = 0):
+        self.frames = ShardDataset(root)  # its records; decoded here, frame by frame
+        meta = self.frames.meta
+        if meta["kind"] != "video_frames" or "videos" not in meta:
+            what = f"holds {meta['kind']} samples" if meta["kind"] != "video_frames" else \
+                "was written before shards kept their video table"
+            raise ConfigError(f"data.root={root}: {what}; a video method reads shards of video frames written by "
+                              f"`densessl data shard FRAMES_FOLDER OUT --kind video_frames`")
+        if items_per_video < 1:
+            raise ValueError(f"items_per_video must be >= 1, got {items_per_video}")
+        self.size, self.items_per_video = size, int(items_per_video)
+        self.videos = [(name, int(start), int(n)) for name, start, n in meta["videos"] if n >= min_frames]
+        self.skipped = [name for name, _, n in meta["videos"] if n < min_frames]
+        if not self.videos:
+            raise ConfigError(f"data.root={root}: no video with at least method.video.min_frames={min_frames} frames")
+        self.counts = [n for _, _, n in self.videos]
+
+    def __len__(self) -> int:
+        return len(self.videos) * self.items_per_video
+
+    def _video(self, i: int) -> tuple[str, int, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} items")
+        return self.videos[i // self.items_per_video]
+
+    def num_frames(self, i: int) -> int:
+        return self._video(i)[2]
+
+    def video_name(self, i: int) -> str:
+        return self._video(i)[0]
+
+    def video_key(self, i: int) -> str:
+        name = self._video(i)[0]
+        return name if self.size is None else f"{name}@{self.size}"
+
+    def read_clip(self, i: int, frame_ids) -> dict:
+        from densessl.data.image_io import DecodeError, decode_rgb
+        from densessl.data.video import VideoReadError, resize_shorter
+
+        name, start, n = self._video(i)
+        ids = [int(k) for k in frame_ids]
+        if any(k < 0 or k >= n for k in ids):
+            raise IndexError(f"frames {ids} out of range for video {name!r} of {n} frames")
+        frames = []
+        for k in ids:
+            record = self.frames._read(start + k)
+            if record.get("video") != name or int(record.get("frame", -1)) != k:
+                raise VideoReadError(f"shard sample {start + k} of {self.frames.root} is frame {record.get('frame')} "
+                                     f"of {record.get('video')!r}, not frame {k} of {name!r}: the shard index "
+                                     f"and its samples disagree; rewrite the shards")
+            try:
+                frames.append(resize_shorter(decode_rgb(bytes(record["image"])), self.size))
+            except DecodeError as e:
+                raise VideoReadError(f"could not decode frame {k} of video {name!r} in {self.frames.root} ({e})") from e
+        shapes = {tuple(f.shape) for f in frames}
+        if len(shapes) > 1:
+            raise VideoReadError(f"frames of video {name!r} differ in size: {sorted(shapes)}")
+        return {"frames": torch.stack(frames)}
+
+    def __getitem__(self, i: int) -> dict:
+        return self.read_clip(i, list(range(min(2, self.num_frames(i)))))
+
+    def __repr__(self) -> str:
+        return f"ShardVideoFrames({str(self.frames.root)!r}, videos={len(self.videos)}, size={self.size})"

@@ -140,11 +140,7 @@ class VideoFrames(Dataset):
         return self.videos[self._video(i)][0]
 
     def _resize(self, frame: torch.Tensor) -> torch.Tensor:
-        if self.size is None:
-            return frame
-        h, w = frame.shape[-2:]
-        s = self.size / min(h, w)
-        return TF.resize(frame, [max(1, round(h * s)), max(1, round(w * s))], antialias=True)
+        return resize_shorter(frame, self.size)
 
     def read_clip(self, i: int, frame_ids: Sequence[int]) -> dict:
         name, item = self.videos[self._video(i)]
@@ -167,6 +163,15 @@ class VideoFrames(Dataset):
 
     def __repr__(self) -> str:
         return f"VideoFrames({str(self.root)!r}, videos={len(self.videos)}, size={self.size})"
+
+
+def resize_shorter(frame: torch.Tensor, size: Optional[int]) -> torch.Tensor:
+    """The shorter side resized to `size` (bilinear, antialiased; aspect kept); None: unchanged."""
+    if size is None:
+        return frame
+    h, w = frame.shape[-2:]
+    s = size / min(h, w)
+    return TF.resize(frame, [max(1, round(h * s)), max(1, round(w * s))], antialias=True)
 
 
 def _read_frame(path: Path) -> torch.Tensor:
@@ -243,6 +248,13 @@ def build_video_source(data_cfg, video_cfg, split: str = "train"):
         return MovingScenes(split=split, num_videos=data_cfg.num_scenes, size=data_cfg.size or 64,
                             num_frames=video_cfg.length, seed=data_cfg.seed, root=data_cfg.root,
                             max_speed=video_cfg.max_speed, pan_speed=video_cfg.pan_speed)
+    if data_cfg.dataset == "shards":  # a shard folder of video frames (densessl data shard --kind video_frames)
+        from densessl.data.shards import ShardVideoFrames
+
+        if not data_cfg.root:
+            raise ValueError("data.dataset=shards needs data.root=<folder written by densessl data shard>")
+        return ShardVideoFrames(data_cfg.root, size=data_cfg.size, items_per_video=video_cfg.items_per_video,
+                                min_frames=video_cfg.min_frames)
     if data_cfg.dataset == "video_frames":
         if not data_cfg.root:
             raise ValueError("data.dataset=video_frames needs data.root=<folder of videos (frame folders or files)>")

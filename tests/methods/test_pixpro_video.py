@@ -247,3 +247,36 @@ def test_learned_flow_runs_on_the_training_device(tmp_path):
     assert loader.multiprocessing_context is None  # CPU flows: the default (fork) workers
     loader.dataset.use_device("cuda")  # nothing touches CUDA until a flow is computed
     assert loader.dataset.flow.device == torch.device("cuda") and loader.dataset.worker_start_method == "spawn"
+
+
+def test_pretrain_on_shards_of_frames_logs_the_frame_folders_losses(tmp_path):
+    """data.dataset=shards of video frames (`densessl data shard --kind video_frames`): the clips are
+    read from the shards by the video table; written in the source's order, a run logs the
+    losses of the frame folders themselves."""
+    import json
+
+    pytest.importorskip("litdata")
+    from densessl.cli import main
+    from densessl.data.shards import ShardVideoFrames
+    from densessl.data.video import VideoFrames
+
+    root = tmp_path / "frames"
+    write_moving_frames(root)
+    assert main(["data", "shard", str(root), str(tmp_path / "sh"), "--kind", "video_frames", "--shard-size", "5",
+                 "--order", "source"]) == 0
+    shards, folders = ShardVideoFrames(tmp_path / "sh", size=32), VideoFrames(root, size=32)
+    assert len(shards) == len(folders) == 4 and shards.counts == folders.counts
+    assert shards.video_key(2) == folders.video_key(2) == "clip2@32"
+    assert torch.equal(shards.read_clip(3, [0, 4, 2])["frames"], folders.read_clip(3, [0, 4, 2])["frames"])
+    video = ["method.video.nframes=3", "method.video.items_per_video=4", "train.batch_size=8", "method.video.flow=dis"]
+    losses = {}
+    for name, data in (("folders", ["data.dataset=video_frames", f"data.root={root}"]),
+                       ("shards", ["data.dataset=shards", f"data.root={tmp_path / 'sh'}"])):
+        assert main(["pretrain", "pixpro-video-scenes", *TINY, *data, *video, f"run_dir={tmp_path / name}"]) == 0
+        recs = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [r["loss"] for r in recs if "loss" in r]
+    assert len(losses["folders"]) == 4 and losses["shards"] == losses["folders"]
+    # shards of images are not clips: one line naming the folder and the command that writes video shards
+    assert main(["data", "shard", str(root / "clip0"), str(tmp_path / "img")]) == 0
+    assert main(["pretrain", "pixpro-video-scenes", *TINY, "data.dataset=shards", f"data.root={tmp_path / 'img'}",
+                 *video, f"run_dir={tmp_path / 'bad'}"]) == 2
