@@ -149,15 +149,11 @@ def load_study(name_or_path: str) -> Study:
 
 
 def read_table(path: Path) -> list[dict]:
-    """The rows of a results table; a line cut by a kill mid-write is skipped."""
-    rows = []
-    if Path(path).exists():
-        for line in Path(path).read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+    """The rows of a results table (JSONL, as metrics.jsonl); a line cut by a kill mid-write is
+    skipped, with a message."""
+    from densessl.common.metrics_jsonl import read_metrics
+
+    return read_metrics(path) if Path(path).exists() else []
 
 
 def row_key(row: dict) -> tuple:
