@@ -183,13 +183,47 @@ def update_readme(study: Study, rows: list[dict], readme: Path, page: str) -> No
     readme.write_text(head + headline_block(study, rows, page) + rest.split(end, 1)[1])
 
 
+def minutes_left(study: Study, rows: list[dict]) -> tuple[float, float]:
+    """(pretraining, evaluation) minutes the rows the table lacks would take at its own pace: the
+    median pretraining minutes per epoch of its runs times each missing unit's epochs (a unit with
+    a row is pretrained), and each protocol's median evaluation minutes per missing row."""
+    from statistics import median
+
+    first_rows: dict[tuple, dict] = {}  # per unit, its row with the most pretraining minutes (the one that trained)
+    for r in rows:
+        key = (r["run"], r["seed"])
+        if r.get("pretrain_minutes", 0) >= first_rows.get(key, {}).get("pretrain_minutes", -1):
+            first_rows[key] = r
+    per_epoch = [r["pretrain_minutes"] / r["epochs"] for r in first_rows.values()
+                 if r.get("recipe") and r.get("epochs") and r["pretrain_minutes"] > 0.5]
+    evals: dict[str, list[float]] = {}
+    for r in rows:
+        evals.setdefault(r["protocol"], []).append(r["eval_minutes"])
+    every_eval = [m for ms in evals.values() for m in ms]
+    epochs_of = {r.label: r.epochs for r in study.runs}
+    have, started = {row_key(r) for r in rows}, {(r["run"], r["seed"]) for r in rows}
+    pretrain = evaluation = 0.0
+    for u in units(study):
+        missing = [p.name for p in unit_protocols(study, u) if (u.run, u.seed, p.name) not in have]
+        if not missing:
+            continue
+        if u.recipe and (u.run, u.seed) not in started and per_epoch:
+            pretrain += median(per_epoch) * (epochs_of.get(u.run) or 1)
+        evaluation += sum(median(evals[p]) if p in evals else median(every_eval) if every_eval else 0.0
+                          for p in missing)
+    return pretrain, evaluation
+
+
 def _provenance(study: Study, rows: list[dict]) -> list[str]:
     expected = {(u.run, u.seed, p.name) for u in units(study) for p in unit_protocols(study, u)}
     have = {row_key(r) for r in rows} & expected
     pre = {(r["run"], r["seed"]): r["pretrain_minutes"] for r in rows}
     cpu_minutes = sum(pre.values()) + sum(r["eval_minutes"] for r in rows)
     machines = sorted({r["machine"] for r in rows})
-    return [f"Progress: {len(have)} of {len(expected)} rows ({len(expected) - len(have)} still to run). "
+    left_pre, left_eval = minutes_left(study, rows)
+    return [f"Progress: {len(have)} of {len(expected)} rows ({len(expected) - len(have)} still to run, about "
+            f"{(left_pre + left_eval) / 60:.0f} hours at the table's pace: {left_pre / 60:.0f} pretraining, "
+            f"{left_eval / 60:.0f} evaluation). "
             f"Wall time in the table: {cpu_minutes / 60:.1f} hours (pretraining and evaluation). "
             f"Machine{'s' if len(machines) > 1 else ''}: {'; '.join(machines) or '-'}. "
             f"densessl {', '.join(sorted({r['densessl'] for r in rows})) or '-'}."]

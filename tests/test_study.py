@@ -244,3 +244,20 @@ def test_the_committed_results_page_and_readme_are_what_the_committed_table_gene
     readme = (root / "README.md").read_text()
     block = readme[readme.index(README_BEGIN.format(name="claims")):readme.index(README_END) + len(README_END)]
     assert block == headline_block(study, rows, "docs/results.md")
+
+
+def test_the_time_left_is_the_tables_pace_times_what_is_missing(tmp_path):
+    from densessl.report import minutes_left
+
+    study = load_study(str(tiny_study(tmp_path)))  # random x2 seeds, byol-scenes (1 epoch) x2; frozen, dense
+    row = dict(recipe="byol-scenes", epochs=1)
+    rows = [{"run": "byol-scenes", "seed": 0, "protocol": "frozen", "pretrain_minutes": 10.0, "eval_minutes": 2.0,
+             **row},
+            {"run": "random", "seed": 0, "protocol": "frozen", "recipe": None, "epochs": 0, "pretrain_minutes": 0.0,
+             "eval_minutes": 1.0},
+            {"run": "random", "seed": 0, "protocol": "dense", "recipe": None, "epochs": 0, "pretrain_minutes": 0.0,
+             "eval_minutes": 5.0}]
+    pretrain, evaluation = minutes_left(study, rows)
+    assert pretrain == 10.0  # byol seed 1: one epoch at 10 min/epoch; seed 0 is pretrained (it has a row)
+    # missing: random 1 frozen + dense (1.5 + 5), byol 0 dense (5), byol 1 frozen + dense (1.5 + 5)
+    assert evaluation == 1.5 + 5.0 + 5.0 + 1.5 + 5.0
