@@ -1,6 +1,7 @@
 """`densessl study` and `densessl report` end to end on a tiny grid: killed mid-run and rerun,
 every row is in the table once, and the page's numbers are the table's."""
 import math
+from statistics import stdev
 import os
 import signal
 import subprocess
@@ -261,3 +262,20 @@ def test_the_time_left_is_the_tables_pace_times_what_is_missing(tmp_path):
     assert pretrain == 10.0  # byol seed 1: one epoch at 10 min/epoch; seed 0 is pretrained (it has a row)
     # missing: random 1 frozen + dense (1.5 + 5), byol 0 dense (5), byol 1 frozen + dense (1.5 + 5)
     assert evaluation == 1.5 + 5.0 + 5.0 + 1.5 + 5.0
+
+
+def test_which_protocols_separate_counts_runs_whose_every_seed_clears_the_random_range(tmp_path):
+    from densessl.report import discrimination
+
+    path = tiny_study(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["runs"].append({"recipe": "byol-scenes", "name": "other", "epochs": 1})
+    path.write_text(yaml.safe_dump(data))
+    study = load_study(str(path))
+    rows = [{"run": run, "seed": s, "protocol": "frozen", "metrics": {"knn_top1": v}}
+            for run, vals in (("random", [0.20, 0.25]), ("byol-scenes", [0.30, 0.34]), ("other", [0.22, 0.40]))
+            for s, v in enumerate(vals)]
+    d = discrimination(study, rows, study.report[0])
+    assert d["measured"] == 2 and d["above"] == ["byol-scenes"] and d["below"] == []
+    # seed sd: byol 0.0283, other 0.1273; the median of two is the upper one, in points
+    assert math.isclose(d["seed_sd"], 100 * stdev([0.22, 0.40]))
