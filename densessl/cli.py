@@ -70,8 +70,18 @@ def cmd_study(args) -> int:
     table, runs = default_paths(study)
     run_study(study, Path(args.table) if args.table else table, Path(args.runs) if args.runs else runs,
               stop_after_minutes=args.stop_after_minutes, only=args.only or None,
-              protocols=args.protocols or None)
+              protocols=args.protocols or None, shard=_study_shard(args.shard))
     return 0
+
+
+def _study_shard(text: str) -> tuple[int, int]:
+    from densessl.config import ConfigError
+
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: expected k/n, e.g. 0/2 (this process's share of the units)") from None
+    return k, n
 
 
 def cmd_report(args) -> int:
@@ -177,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--only", action="append", default=[], metavar="RUN", help="only this run name (repeatable)")
     st.add_argument("--protocols", action="append", default=[], metavar="PROTOCOL",
                     help="only this protocol (repeatable): e.g. the cheap ones before fine-tuning")
+    st.add_argument("--shard", default="0/1", metavar="K/N",
+                    help="only units K, K+N, K+2N, ... of the declared order: N processes share a study "
+                         "(one per core), appending to one table")
     st.set_defaults(func=cmd_study)
 
     rp = sub.add_parser("report", help="the results page (tables, claims, chart) from a study's table")

@@ -1,5 +1,6 @@
 """`densessl study` and `densessl report` end to end on a tiny grid: killed mid-run and rerun,
 every row is in the table once, and the page's numbers are the table's."""
+import json
 import math
 from statistics import stdev
 import os
@@ -279,3 +280,19 @@ def test_which_protocols_separate_counts_runs_whose_every_seed_clears_the_random
     assert d["measured"] == 2 and d["above"] == ["byol-scenes"] and d["below"] == []
     # seed sd: byol 0.0283, other 0.1273; the median of two is the upper one, in points
     assert math.isclose(d["seed_sd"], 100 * stdev([0.22, 0.40]))
+
+
+def test_shards_of_a_study_split_its_units_without_overlap(tmp_path, capsys):
+    study = load_study(str(tiny_study(tmp_path)))
+    study.runs = []  # the random baseline: two units, evaluations only
+    quiet = dict(log=lambda *a: None)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert run_study(study, a, tmp_path / "runs", shard=(0, 2), **quiet)["written"] == 2
+    assert run_study(study, b, tmp_path / "runs", shard=(1, 2), **quiet)["written"] == 2
+    assert {r["seed"] for r in read_table(a)} == {0} and {r["seed"] for r in read_table(b)} == {1}
+    whole = tmp_path / "whole.jsonl"
+    run_study(study, whole, tmp_path / "runs2", **quiet)
+    metrics = lambda rows: sorted((r["seed"], r["protocol"], json.dumps(r["metrics"], sort_keys=True)) for r in rows)
+    assert metrics(read_table(a) + read_table(b)) == metrics(read_table(whole))  # the same rows, split
+    assert main(["study", str(tiny_study(tmp_path, "t2")), "--table", str(a), "--shard", "2/2"]) == 2
+    assert "--shard 2/2: expected k/n with 0 <= k < n" in capsys.readouterr().err
