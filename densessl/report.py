@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from statistics import mean, stdev
+from statistics import mean, median, stdev
 
 from densessl.study import Claim, Study, read_table, row_key, unit_protocols, units
 
@@ -161,10 +161,12 @@ def discrimination(study: Study, rows: list[dict], m) -> dict:
     spreads = [stdev(v) for v in runs.values() if len(v) > 1]
     return {"random": random, "measured": len(runs), "above": sorted(k for k, v in runs.items() if mark(v, random) == ">"),
             "below": sorted(k for k, v in runs.items() if mark(v, random) == "<"),
-            "seed_sd": m.scale * sorted(spreads)[len(spreads) // 2] if spreads else None}
+            "seed_sd": m.scale * median(spreads) if spreads else None}
 
 
 def discrimination_lines(study: Study, rows: list[dict]) -> list[str]:
+    if not study.report:
+        return []
     lines = ["## Which protocols separate", "",
              "A protocol can rank methods only where trained backbones leave the random init's whole range. Per "
              "headline metric: the random range over its weight seeds, the runs measured, how many have every seed "
@@ -211,15 +213,21 @@ def update_readme(study: Study, rows: list[dict], readme: Path, page: str) -> No
         raise ConfigError(f"--readme {readme}: needs a headline in study '{study.name}' and the two marker lines "
                           f"{begin!r} and {end!r} in the file, where the block goes")
     head, rest = text.split(begin, 1)
+    if end not in rest:
+        raise ConfigError(f"--readme {readme}: the marker {end!r} must follow {begin!r}")
     readme.write_text(head + headline_block(study, rows, page) + rest.split(end, 1)[1])
+
+
+def _recipe_epochs(recipe: str) -> int:
+    from densessl.config import build_config
+
+    return build_config(recipe).train.epochs
 
 
 def minutes_left(study: Study, rows: list[dict]) -> tuple[float, float]:
     """(pretraining, evaluation) minutes the rows the table lacks would take at its own pace: the
     median pretraining minutes per epoch of its runs times each missing unit's epochs (a unit with
     a row is pretrained), and each protocol's median evaluation minutes per missing row."""
-    from statistics import median
-
     first_rows: dict[tuple, dict] = {}  # per unit, its row with the most pretraining minutes (the one that trained)
     for r in rows:
         key = (r["run"], r["seed"])
@@ -231,7 +239,7 @@ def minutes_left(study: Study, rows: list[dict]) -> tuple[float, float]:
     for r in rows:
         evals.setdefault(r["protocol"], []).append(r["eval_minutes"])
     every_eval = [m for ms in evals.values() for m in ms]
-    epochs_of = {r.label: r.epochs for r in study.runs}
+    epochs_of = {r.label: r.epochs if r.epochs is not None else _recipe_epochs(r.recipe) for r in study.runs}
     have, started = {row_key(r) for r in rows}, {(r["run"], r["seed"]) for r in rows}
     pretrain = evaluation = 0.0
     for u in units(study):

@@ -315,11 +315,20 @@ def _backbone(study: Study, unit: Unit, runs_dir: Path, dist, log) -> tuple[str,
     info = {"recipe": unit.recipe, "epochs": cfg.train.epochs, "config_hash": _pretrain_hash(cfg)}
     done = json.loads(timing.read_text()) if timing.exists() and last.exists() else {}
     if "config_hash" in done:  # pretrained by an earlier invocation: only its evaluations are missing
-        if done["config_hash"] != info["config_hash"]:
-            raise ConfigError(f"{folder} was pretrained with another config than the study now declares for "
-                              f"{unit.run} seed {unit.seed}; give the changed run another name (runs[i].name), "
-                              f"or delete that folder to pretrain it again")
-        return str(last), {**info, "pretrain_minutes": round(done["minutes"], 2)}
+        if done["config_hash"] != info["config_hash"]:  # a changed run, or keys densessl added since (their
+            import yaml
+
+            from densessl.engine.trainer import config_changes  # defaults are what the run had: no change)
+
+            saved = folder / "config.yaml"
+            changes = config_changes(yaml.safe_load(saved.read_text()), cfg, ignore=("run_dir",)) \
+                if saved.is_file() else "its config.yaml is missing"
+            if changes:
+                raise ConfigError(f"{folder} was pretrained with another config than the study now declares for "
+                                  f"{unit.run} seed {unit.seed} ({changes}); give the changed run another name "
+                                  f"(runs[i].name), or delete that folder to pretrain it again")
+        # the rows of one pretraining carry the hash it was written with
+        return str(last), {**info, "config_hash": done["config_hash"], "pretrain_minutes": round(done["minutes"], 2)}
     t0 = time.perf_counter()
     log(f"study {study.name}: pretraining {unit.run} seed {unit.seed} ({cfg.train.epochs} epochs) in {folder}")
     with rank_failures_reported(folder / "checkpoints" / "last.pt"):

@@ -44,8 +44,9 @@ class EncodedViews(Dataset):
         out = {"encoded": torch.frombuffer(bytearray(item["data"]), dtype=torch.uint8), "crops": crops,
                "geometry": [c.geometry(H, W) for c in crops], "index": index, "source_size": (W, H),
                "where": item["where"], "fit": item["fit"]}
-        if "label" in item:
-            out["label"] = item["label"]
+        for k in ("labels", "label"):  # targets for the online probe, as ViewDataset passes them
+            if k in item:
+                out[k] = item[k]
         return out
 
 
@@ -62,8 +63,9 @@ def collate_encoded(samples: list[dict]) -> dict:
         "index": torch.tensor([s["index"] for s in samples]),
         "source_size": torch.stack([torch.as_tensor(s["source_size"], dtype=torch.float32) for s in samples]),
     }
-    if "label" in samples[0]:
-        batch["label"] = torch.stack([s["label"] for s in samples])
+    for k in ("labels", "label"):
+        if k in samples[0]:
+            batch[k] = torch.stack([torch.as_tensor(s[k]) for s in samples])
     return batch
 
 
@@ -90,8 +92,8 @@ def decode_batch(encoded: list[torch.Tensor], where: list[str], device: torch.de
             try:
                 images[i] = decode_rgb(encoded[i].numpy().tobytes()).to(device, non_blocking=True)
             except DecodeError as e:
-                raise ImageReadError(f"could not decode image {where[i]} ({e}); data.decode_on=workers reports "
-                                     f"it in the loader, where data.on_error=skip can drop it") from e
+                raise ImageReadError(f"could not decode {where[i]} ({e}); an imagefolder's data.on_error=skip "
+                                     f"drops undecodable files before training") from e
     return images
 
 

@@ -146,7 +146,7 @@ class ImageFolder(Dataset):
             hw = tuple(read_image_rgb(path).shape[-2:])
         if min(hw) < self.min_side:
             self[index]  # the shorter-side error, worded once
-        item = {"data": data, "hw": hw if self.size is None else (self.size, self.size), "where": repr(path),
+        item = {"data": data, "hw": hw if self.size is None else (self.size, self.size), "where": f"image {path!r}",
                 "fit": self.size}
         if self.labelled:
             item["label"] = torch.tensor(label, dtype=torch.int64)

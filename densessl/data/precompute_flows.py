@@ -49,6 +49,7 @@ def precompute_flows(source, model: "flowlib.FlowModel", cache: "flowlib.FlowCac
             log(f"video {v + 1}/{n_videos} {key}: {n} frames")
     return done
 
+
 def run_flows(args) -> int:
     k, n = _shard(args.shard)
     source = VideoFrames(args.root, size=args.size)

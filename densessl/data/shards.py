@@ -353,7 +353,7 @@ class ShardDataset(Dataset):
         if hw is None or min(hw) < self.min_side:
             self[i]  # the decode or shorter-side error, worded once (__getitem__ raises it)
             hw = tuple(decode_rgb(data).shape[-2:])  # a header PIL could not read, decodable after all
-        where = f"sample {i} of {self.root} (source item {record.get('source_index')})"
+        where = f"the image of sample {i} of {self.root} (source item {record.get('source_index')})"
         return {"data": data, "hw": hw if self.size is None else (self.size, self.size), "where": where,
                 "fit": self.size, **_fields(record)}
 
@@ -390,6 +390,11 @@ class ShardVideoFrames(Dataset):
         self.size, self.items_per_video = size, int(items_per_video)
         self.videos = [(name, int(start), int(n)) for name, start, n in meta["videos"] if n >= min_frames]
         self.skipped = [name for name, _, n in meta["videos"] if n < min_frames]
+        if self.skipped:
+            import warnings
+
+            warnings.warn(f"{len(self.skipped)} videos in {root} have fewer than {min_frames} frames and were left "
+                          f"out (first: {self.skipped[0]})")
         if not self.videos:
             raise ConfigError(f"data.root={root}: no video with at least method.video.min_frames={min_frames} frames")
         self.counts = [n for _, _, n in self.videos]
@@ -428,13 +433,13 @@ class ShardVideoFrames(Dataset):
                                      f"of {record.get('video')!r}, not frame {k} of {name!r}: the shard index "
                                      f"and its samples disagree; rewrite the shards")
             try:
-                frames.append(resize_shorter(decode_rgb(bytes(record["image"])), self.size))
+                frames.append(decode_rgb(bytes(record["image"])))
             except DecodeError as e:
                 raise VideoReadError(f"could not decode frame {k} of video {name!r} in {self.frames.root} ({e})") from e
         shapes = {tuple(f.shape) for f in frames}
-        if len(shapes) > 1:
+        if len(shapes) > 1:  # before resizing, as VideoFrames checks
             raise VideoReadError(f"frames of video {name!r} differ in size: {sorted(shapes)}")
-        return {"frames": torch.stack(frames)}
+        return {"frames": torch.stack([resize_shorter(f, self.size) for f in frames])}
 
     def __getitem__(self, i: int) -> dict:
         return self.read_clip(i, list(range(min(2, self.num_frames(i)))))

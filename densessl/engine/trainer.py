@@ -183,19 +183,8 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict, path: Path) -> None:
-        saved = _flatten(state["config"])
-        current = _flatten(to_dict(self.cfg))
-        for k in set(current) - set(saved):  # a key added since the run began: it ran with the default
-            parent = k.rpartition(".")[0]
-            if parent and not any(s.startswith(parent + ".") for s in saved):
-                continue  # a whole section or list item the run did not have (e.g. one more view): a change
-            default = field_default(self.cfg, k)
-            if default is not MISSING:
-                saved[k] = to_dict(default) if dataclasses.is_dataclass(default) else default
-        differ = sorted(k for k in set(saved) | set(current)
-                        if saved.get(k) != current.get(k) and k not in RESUME_FREE_KEYS)
-        if differ:
-            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ[:6])
+        detail = config_changes(state["config"], self.cfg)
+        if detail:
             raise ConfigError(f"{path} was written with a different config ({detail}); resume with the same "
                               f"settings, or start a new run with run_dir=<another folder>")
         self.method.load_state_dict(state["method"])
@@ -427,6 +416,25 @@ class Trainer:
             self.tracker.close()
 
 
+def config_changes(saved_tree: dict, cfg, ignore: tuple[str, ...] = ()) -> str:
+    """What differs between the config a run was written with (its tree) and `cfg`, as
+    "key: old -> new, ..." ("" when nothing does). A key added to densessl since the run was
+    written counts at its default (the run ran with it); the RESUME_FREE_KEYS and `ignore` never
+    count."""
+    saved = _flatten(saved_tree)
+    current = _flatten(to_dict(cfg))
+    for k in set(current) - set(saved):  # a key added since the run began: it ran with the default
+        parent = k.rpartition(".")[0]
+        if parent and not any(s.startswith(parent + ".") for s in saved):
+            continue  # a whole section or list item the run did not have (e.g. one more view): a change
+        default = field_default(cfg, k)
+        if default is not MISSING:
+            saved[k] = to_dict(default) if dataclasses.is_dataclass(default) else default
+    differ = sorted(k for k in set(saved) | set(current)
+                    if saved.get(k) != current.get(k) and k not in RESUME_FREE_KEYS and k not in ignore)
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ[:6])
+
+
 def _device_decode_views(dataset, own_views, cfg) -> tuple:
     """(EncodedViews, collate_encoded) for data.decode_on=device, or one ConfigError saying why not."""
     from densessl.data.device_decode import DECODE_ON, EncodedViews, collate_encoded
@@ -434,8 +442,9 @@ def _device_decode_views(dataset, own_views, cfg) -> tuple:
     if cfg.data.decode_on not in DECODE_ON:
         raise ConfigError(f"data.decode_on={cfg.data.decode_on!r}; expected one of {', '.join(DECODE_ON)}")
     if own_views is not None or not hasattr(dataset, "encoded"):
-        raise ConfigError(f"data.decode_on=device decodes image files (data.dataset=imagefolder or shards); "
-                          f"data.dataset={cfg.data.dataset} with method {cfg.method.name} makes its own images: "
+        what = "makes frame pairs of its videos" if own_views is not None else "has no image files"
+        raise ConfigError(f"data.decode_on=device decodes the image files of data.dataset=imagefolder or shards "
+                          f"for crop views; data.dataset={cfg.data.dataset} with method {cfg.method.name} {what}: "
                           f"set data.decode_on=workers")
     grids = [i for i, g in enumerate(cfg.views) if g.grid > 0]
     if grids:

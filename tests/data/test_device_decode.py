@@ -45,18 +45,29 @@ def views_both_ways(dataset, groups, epoch=1, indices=(0, 3, 5, 7)):
     return plain, enc
 
 
-@pytest.mark.parametrize("size", [None, 32])
-def test_device_views_and_geometry_equal_the_workers_views(tmp_path, size):
-    groups = build_config("byol-scenes", ["views.0.size=24", "views.1.size=16"]).views
-    plain, enc = views_both_ways(ImageFolder(make_folder(tmp_path / "img"), size=size), groups)
+def assert_same_batches(plain: dict, enc: dict) -> None:
+    """Every key the trainer and methods read: the views bit for bit, geometry, targets."""
     views = decode_views(enc, torch.device("cpu"))
-    assert len(views) == 2 and [v.shape for v in views] == [(4, 3, 24, 24), (4, 3, 16, 16)]
+    assert len(views) == len(plain["views"])
     for a, b in zip(views, plain["views"]):
         assert a.dtype == torch.uint8 and torch.equal(a, b)  # the same pixels, bit for bit
     for key in ("box", "flip"):
         for a, b in zip(enc[key], plain[key]):
             assert torch.equal(a, b)
-    assert torch.equal(enc["source_size"], plain["source_size"]) and torch.equal(enc["index"], plain["index"])
+    keys = set(plain) - {"views", "box", "flip"}
+    assert keys <= set(enc) and all(torch.equal(enc[k], plain[k]) for k in keys), keys
+
+
+@pytest.mark.parametrize("size", [None, 32])
+@pytest.mark.parametrize("labelled", [False, True])
+def test_device_views_geometry_and_labels_equal_the_workers(tmp_path, size, labelled):
+    groups = build_config("byol-scenes", ["views.0.size=24", "views.1.size=16"]).views
+    root = make_folder(tmp_path / "img" / "cls") if labelled else make_folder(tmp_path / "img")
+    dataset = ImageFolder(tmp_path / "img", size=size)
+    plain, enc = views_both_ways(dataset, groups)
+    assert ("label" in plain) is labelled and root.is_dir()
+    assert [v.shape for v in plain["views"]] == [(4, 3, 24, 24), (4, 3, 16, 16)]
+    assert_same_batches(plain, enc)
     if size is None:  # boxes are in the source's pixels: sizes differ per image
         assert len({tuple(s.tolist()) for s in enc["source_size"]}) > 1
 
@@ -72,15 +83,19 @@ def test_pretraining_with_device_decoding_logs_the_workers_losses(tmp_path):
     assert sorted(lw) == list(range(1, 9)) and lw == ld
 
 
-def test_shards_decode_on_the_device_as_on_the_workers(tmp_path):
+@pytest.mark.parametrize("size", [None, 32])
+def test_shards_decode_on_the_device_as_on_the_workers(tmp_path, voc_export, size):
+    """Shards of an image folder, and of VOC (multi-hot labels, the online probe's targets)."""
     pytest.importorskip("litdata")
     from densessl.data.shards import ShardDataset, write_shards
 
     write_shards(make_folder(tmp_path / "img"), tmp_path / "sh", shard_size=10, order="source")
+    write_shards(voc_export[1], tmp_path / "voc", shard_size=3, split="val")
     groups = build_config("byol-scenes", ["views.0.size=24", "views.1.size=16"]).views
-    plain, enc = views_both_ways(ShardDataset(tmp_path / "sh", size=32), groups)
-    for a, b in zip(decode_views(enc, torch.device("cpu")), plain["views"]):
-        assert torch.equal(a, b)
+    for folder in ("sh", "voc"):
+        plain, enc = views_both_ways(ShardDataset(tmp_path / folder, size=size), groups)
+        assert ("labels" in plain) is (folder == "voc")
+        assert_same_batches(plain, enc)
 
 
 def test_what_device_decoding_cannot_do_is_one_line(tmp_path, capsys):

@@ -268,6 +268,17 @@ def test_pretrain_on_shards_of_frames_logs_the_frame_folders_losses(tmp_path):
     assert len(shards) == len(folders) == 4 and shards.counts == folders.counts
     assert shards.video_key(2) == folders.video_key(2) == "clip2@32"
     assert torch.equal(shards.read_clip(3, [0, 4, 2])["frames"], folders.read_clip(3, [0, 4, 2])["frames"])
+    # the default order shuffles whole videos: each is still itself, frame for frame
+    assert main(["data", "shard", str(root), str(tmp_path / "shuf"), "--kind", "video_frames", "--shard-size", "5"]) == 0
+    shuffled = ShardVideoFrames(tmp_path / "shuf", size=32)
+    names = [shuffled.video_name(i) for i in range(4)]
+    assert sorted(names) == [folders.video_name(i) for i in range(4)] and names != sorted(names)
+    for i, name in enumerate(names):
+        j = [folders.video_name(k) for k in range(4)].index(name)
+        assert torch.equal(shuffled.read_clip(i, [1, 3])["frames"], folders.read_clip(j, [1, 3])["frames"])
+    with pytest.warns(UserWarning, match="fewer than 99 frames"):
+        with pytest.raises(ConfigError, match="min_frames=99"):
+            ShardVideoFrames(tmp_path / "shuf", min_frames=99)
     video = ["method.video.nframes=3", "method.video.items_per_video=4", "train.batch_size=8", "method.video.flow=dis"]
     losses = {}
     for name, data in (("folders", ["data.dataset=video_frames", f"data.root={root}"]),
