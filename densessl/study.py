@@ -68,6 +68,16 @@ class Claim:
 
 
 @dataclass
+class Clears:
+    """Does a run clear the random init's range on its paper's own protocol (every seed above it)?"""
+    run: str
+    protocol: str
+    metric: str
+    paper: str = ""  # the paper's protocol, in words
+    scale: float = 100.0
+
+
+@dataclass
 class ReportMetric:
     protocol: str
     metric: str
@@ -92,6 +102,7 @@ class Study:
     runs: list[StudyRun] = field(default_factory=list)
     protocols: list[StudyProtocol] = field(default_factory=list)
     claims: list[Claim] = field(default_factory=list)
+    clears: list[Clears] = field(default_factory=list)  # each method against the random init, its own protocol
     report: list[ReportMetric] = field(default_factory=list)  # the headline metrics of the results page
     headline: Headline | None = None
 
@@ -142,6 +153,10 @@ def load_study(name_or_path: str) -> Study:
         for key, value in (("protocol", c.protocol), ("better", c.better), ("worse", c.worse)):
             if value not in (protos if key == "protocol" else names + ["random"]):
                 raise ConfigError(f"{path}: claim {c.claim!r} names {key}={value!r}, which the study does not declare")
+    for c in study.clears:
+        if c.run not in names or c.protocol not in protos:
+            raise ConfigError(f"{path}: clears entry names run {c.run!r} and protocol {c.protocol!r}; expected a "
+                              f"declared run and protocol")
     return study
 
 

@@ -313,3 +313,23 @@ def test_shards_of_a_study_split_its_units_without_overlap(tmp_path, capsys):
     assert metrics(read_table(a) + read_table(b)) == metrics(read_table(whole))  # the same rows, split
     assert main(["study", str(tiny_study(tmp_path, "t2")), "--table", str(a), "--shard", "2/2"]) == 2
     assert "--shard 2/2: expected k/n with 0 <= k < n" in capsys.readouterr().err
+
+
+def test_clears_says_whether_every_seed_lies_above_the_random_range(tmp_path):
+    from densessl.report import clears_lines
+
+    path = tiny_study(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["clears"] = [{"run": "byol-scenes", "paper": "linear", "protocol": "frozen", "metric": "knn_top1"}]
+    path.write_text(yaml.safe_dump(data))
+    study = load_study(str(path))
+    rows = lambda byol: [{"run": run, "seed": s, "protocol": "frozen", "metrics": {"knn_top1": v}}
+                         for run, vals in (("random", [0.20, 0.25]), ("byol-scenes", byol)) for s, v in enumerate(vals)]
+    assert clears_lines(study, rows([0.30, 0.26]))[-2].endswith("| clears (every seed above the range) |")
+    assert clears_lines(study, rows([0.30, 0.24]))[-2].endswith("| inside the range |")
+    assert clears_lines(study, rows([0.10, 0.12]))[-2].endswith("| below the range (every seed) |")
+    assert clears_lines(study, rows([]))[-2].endswith("| not measured yet |")
+    data["clears"][0]["run"] = "mocov2-scenes"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(Exception, match="clears entry names run 'mocov2-scenes'"):
+        load_study(str(path))
