@@ -249,7 +249,7 @@ def test_learned_flow_runs_on_the_training_device(tmp_path):
     assert loader.dataset.flow.device == torch.device("cuda") and loader.dataset.worker_start_method == "spawn"
 
 
-def test_pretrain_on_shards_of_frames_logs_the_frame_folders_losses(tmp_path):
+def test_pretrain_on_shards_of_frames_logs_the_frame_folders_losses(tmp_path, capsys):
     """data.dataset=shards of video frames (`densessl data shard --kind video_frames`): the clips are
     read from the shards by the video table; written in the source's order, a run logs the
     losses of the frame folders themselves."""
@@ -291,3 +291,9 @@ def test_pretrain_on_shards_of_frames_logs_the_frame_folders_losses(tmp_path):
     assert main(["data", "shard", str(root / "clip0"), str(tmp_path / "img")]) == 0
     assert main(["pretrain", "pixpro-video-scenes", *TINY, "data.dataset=shards", f"data.root={tmp_path / 'img'}",
                  *video, f"run_dir={tmp_path / 'bad'}"]) == 2
+    assert "holds imagefolder samples" in capsys.readouterr().err
+    # frames without ground-truth flow and the default flow=gt: one line naming the key and the estimators
+    assert main(["pretrain", "pixpro-video-scenes", *TINY, "data.dataset=video_frames", f"data.root={root}",
+                 *video[:3], f"run_dir={tmp_path / 'gt'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("densessl: error: method.video.flow=gt needs") and err.count("\n") == 1, err
