@@ -169,12 +169,23 @@ def bench_step(backbone="resnet18", width=None, size=64, batch=64, rounds=7, wit
 # (view generation is measured separately). "small": the Fashion-Scenes recipe (resnet18_small,
 # 64 px); "paper": the paper-scale recipe (ResNet-50, 224 px crops; SwAV adds 6 x 96 px) with
 # Fashion-Scenes drawn at 224 px as the images and a CPU-sized batch.
-STEP_METHODS = ("byol", "mocov2", "densecl", "pixpro", "scrl", "cgh", "swav")
-STEP_SCALES = {"small": "{}-scenes", "paper": "{}-imagenet"}
+STEP_METHODS = ("byol", "mocov2", "densecl", "pixpro", "scrl", "cgh", "swav", "ssprl", "gaelle", "pixcontrast",
+                "pixpro-video")  # every recipe family; the name is the recipe's without its data suffix
+# the recipe of each at each scale (recipes are named <method>-<data>); the paper-scale multi-label
+# methods pretrain on COCO, and PixContrast / the video variant have no paper-scale image recipe
+STEP_RECIPES = {"small": {m: f"{m}-scenes" for m in STEP_METHODS},
+                "paper": {**{m: f"{m}-imagenet" for m in STEP_METHODS[:7]}, "ssprl": "ssprl-coco",
+                          "gaelle": "gaelle-coco"}}
+STEP_SCALES = tuple(STEP_RECIPES)
 
 
 def step_recipe(method: str, scale: str) -> str:
-    return STEP_SCALES[scale].format(method)  # recipes are named <method>-<data>
+    if method not in STEP_RECIPES[scale]:
+        from densessl.config import ConfigError
+
+        raise ConfigError(f"bench methods: {method} has no {scale}-scale recipe; at --scale {scale}: "
+                          f"{', '.join(STEP_RECIPES[scale])}")
+    return STEP_RECIPES[scale][method]
 
 
 def recipe_step(method: str, scale: str, batch: int, precision: str, channels_last: bool, small_map_convs: bool,
@@ -210,11 +221,12 @@ def recipe_step(method: str, scale: str, batch: int, precision: str, channels_la
     return run
 
 
-def bench_methods(scale="small", methods=STEP_METHODS, batch=None, rounds=5, overrides=()) -> dict[str, list[Result]]:
+def bench_methods(scale="small", methods=None, batch=None, rounds=5, overrides=()) -> dict[str, list[Result]]:
     """Per method: the plain-PyTorch way (fp32, contiguous, oneDNN convolutions everywhere) beside
     densessl in fp32 (channels_last, small-map GEMMs: the defaults on a CPU without bf16 units)
     and densessl's defaults on a CPU with AMX or AVX512-BF16 (the same in bf16 autocast)."""
     batch = batch or (128 if scale == "small" else 16)
+    methods = list(STEP_RECIPES[scale]) if methods is None else methods
     results = {}
     for m in methods:
         results[m] = interleaved({
@@ -258,7 +270,7 @@ class CompiledResult:
         return self.compiled.images_per_s / self.eager.images_per_s if self.compiled and self.eager else None
 
 
-def bench_methods_compiled(scale="small", methods=STEP_METHODS, batch=None, rounds=3, precision="bf16",
+def bench_methods_compiled(scale="small", methods=None, batch=None, rounds=3, precision="bf16",
                            channels_last=True, overrides=None, backend="inductor", mode=None,
                            warmup=2) -> dict[str, CompiledResult]:
     """Per method, densessl's defaults eager beside the same step with the forward compiled
@@ -270,6 +282,7 @@ def bench_methods_compiled(scale="small", methods=STEP_METHODS, batch=None, roun
     from torch._dynamo.utils import counters
 
     batch = batch or (128 if scale == "small" else 16)
+    methods = list(STEP_RECIPES[scale]) if methods is None else methods
     out = {}
     for m in methods:
         extra = tuple((overrides or {}).get(m, ()))
@@ -382,7 +395,8 @@ def add_bench_commands(subparsers) -> None:
     s.set_defaults(func=_cmd_step)
     m = subparsers.add_parser("methods", help="training steps of every method's small recipe, fp32 beside the defaults")
     m.add_argument("--scale", choices=sorted(STEP_SCALES), default="small")
-    m.add_argument("--methods", nargs="+", choices=STEP_METHODS, default=list(STEP_METHODS))
+    m.add_argument("--methods", nargs="+", choices=STEP_METHODS, default=None,
+                   help="default: every method with a recipe at --scale")
     m.add_argument("--batch", type=int, default=None, help="default: 128 (small), 16 (paper)")
     m.add_argument("--rounds", type=int, default=5)
     m.add_argument("--compile", action="store_true",
@@ -419,6 +433,9 @@ def _cmd_step(args) -> int:
 
 
 def _cmd_methods(args) -> int:
+    args.methods = args.methods or list(STEP_RECIPES[args.scale])
+    for m in args.methods:
+        step_recipe(m, args.scale)  # one line for a method without a recipe at this scale
     if args.compile:
         res = bench_methods_compiled(args.scale, args.methods, args.batch, args.rounds,
                                      overrides={m: args.overrides for m in args.methods},

@@ -50,8 +50,10 @@ def test_every_step_method_has_a_recipe_at_both_scales():
     from densessl.config import build_config
 
     for scale in bench.STEP_SCALES:
-        for m in bench.STEP_METHODS:
-            assert build_config(bench.step_recipe(m, scale), []).method.name == m
+        for m, recipe in bench.STEP_RECIPES[scale].items():
+            assert recipe.startswith(m + "-") and build_config(bench.step_recipe(m, scale), []).method.name == \
+                {"pixcontrast": "pixpro", "pixpro-video": "pixpro_video"}.get(m, m)
+    assert list(bench.STEP_RECIPES["small"]) == list(bench.STEP_METHODS)  # every method at the small scale
 
 
 def test_colour_shortcut_measures_on_hand_made_images():
@@ -163,3 +165,12 @@ def test_profile_step_buckets_a_tiny_step():
     assert sum(buckets.values()) == pytest.approx(total, rel=1e-6)
     assert all(buckets[b] > 0 for b in ("convolutions", "batch norm", "optimiser (LARS)"))
     assert any(k.startswith("3 -> 8, 3x3") or k.startswith("3 -> 8,") for k in convs), list(convs)
+
+
+def test_a_method_without_a_recipe_at_the_scale_is_one_line(capsys):
+    from densessl.cli import main
+
+    assert main(["bench", "methods", "--scale", "paper", "--methods", "pixcontrast"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("densessl: error: bench methods: pixcontrast has no paper-scale recipe") and \
+        "ssprl, gaelle" in err and err.count("\n") == 1
