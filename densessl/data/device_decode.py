@@ -16,24 +16,17 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from densessl.data.image_io import DecodeError, decode_rgb, fit_square
-from densessl.data.views import ViewSampler, crop_view
+from densessl.data.views import ViewDataset, collate_views, crop_view
 
 DECODE_ON = ("workers", "device")
 
 
-class EncodedViews(Dataset):
+class EncodedViews(ViewDataset):
     """(epoch, index) -> an image's encoded bytes and the crops its views take, drawn exactly as
     ViewDataset draws them. `base.encoded(i)` gives {"data": bytes, "hw": (H, W) of the image the
     views are cut from, "where": a name for errors, "fit": square side or None, labels ...}."""
-
-    def __init__(self, base: Dataset, sampler: ViewSampler, seed: int):
-        self.base, self.sampler, self.seed = base, sampler, seed
-
-    def __len__(self):
-        return len(self.base)
 
     def __getitem__(self, key):
         epoch, index = key
@@ -51,21 +44,10 @@ class EncodedViews(Dataset):
 
 
 def collate_encoded(samples: list[dict]) -> dict:
-    """Geometry as collate_views gives it; the encoded images and their crops as lists."""
-    n_views = len(samples[0]["crops"])
-    batch = {
-        "encoded": [s["encoded"] for s in samples],
-        "crops": [[s["crops"][v] for s in samples] for v in range(n_views)],
-        "where": [s["where"] for s in samples],
-        "fit": samples[0]["fit"],
-        "box": [torch.tensor([s["geometry"][v].box for s in samples], dtype=torch.float32) for v in range(n_views)],
-        "flip": [torch.tensor([s["geometry"][v].flip for s in samples]) for v in range(n_views)],
-        "index": torch.tensor([s["index"] for s in samples]),
-        "source_size": torch.stack([torch.as_tensor(s["source_size"], dtype=torch.float32) for s in samples]),
-    }
-    for k in ("labels", "label"):
-        if k in samples[0]:
-            batch[k] = torch.stack([torch.as_tensor(s[k]) for s in samples])
+    """collate_views' geometry and targets; the encoded images and their crops as lists."""
+    batch = collate_views(samples)
+    batch.update(encoded=[s["encoded"] for s in samples], where=[s["where"] for s in samples],
+                 fit=samples[0]["fit"], crops=[[s["crops"][v] for s in samples] for v in range(len(samples[0]["crops"]))])
     return batch
 
 

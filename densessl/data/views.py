@@ -188,13 +188,14 @@ class ViewDataset(Dataset):
 def collate_views(samples: list[dict]) -> dict:
     """uint8 views stacked per view slot; geometry as tensors: box (B,4), flip (B,), and the
     source images' source_size (B, 2) = (W, H)."""
-    n_views = len(samples[0]["views"])
+    n_views = len(samples[0]["geometry"])
     batch = {
-        "views": [torch.stack([s["views"][v] for s in samples]) for v in range(n_views)],
         "box": [torch.tensor([s["geometry"][v].box for s in samples], dtype=torch.float32) for v in range(n_views)],
         "flip": [torch.tensor([s["geometry"][v].flip for s in samples]) for v in range(n_views)],
         "index": torch.tensor([s["index"] for s in samples]),
     }
+    if "views" in samples[0]:  # absent for data.decode_on=device: cut after decoding (data/device_decode.py)
+        batch["views"] = [torch.stack([s["views"][v] for s in samples]) for v in range(n_views)]
     if "source_size" in samples[0]:  # (B, 2) = (W, H): pixel units of the boxes (PixPro's crop_coords=code)
         batch["source_size"] = torch.stack([torch.as_tensor(s["source_size"], dtype=torch.float32) for s in samples])
     for k in ("labels", "label"):
