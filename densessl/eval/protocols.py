@@ -45,7 +45,17 @@ class EvalConfig(EvalBackboneConfig):  # model, seed, random_init_seed: shared b
 
 
 def eval_config(overrides: list[str]) -> EvalConfig:
-    return from_dict(EvalConfig, apply_overrides(to_dict(EvalConfig()), overrides))
+    cfg = from_dict(EvalConfig, apply_overrides(to_dict(EvalConfig()), overrides))
+    check_eval_data(cfg.data)
+    return cfg
+
+
+def check_eval_data(data: DataConfig) -> None:
+    """Refuse the pretraining-only data keys rather than ignore them: evaluation always decodes
+    on the loader workers."""
+    if data.decode_on != "workers":
+        raise ConfigError(f"data.decode_on={data.decode_on!r}: evaluation decodes images on the loader workers "
+                          f"(data.decode_on is a pretraining key); remove the override")
 
 
 class FeatureCache:

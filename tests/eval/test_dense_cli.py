@@ -83,6 +83,19 @@ def test_single_probe_command_and_presets(tmp_path):
         dense_config(["seg.stages=[c4+c9]"])
 
 
+def test_evaluation_refuses_the_pretraining_only_decode_on_key(capsys):
+    # ignoring it would let a user believe the GPU decoded their evaluation images
+    from densessl.eval.protocols import eval_config
+
+    for build in (dense_config, eval_config):
+        with pytest.raises(ConfigError, match="data.decode_on='device': evaluation decodes"):
+            build(["data.decode_on=device"])
+        build(["data.decode_on=workers"])
+    assert main(["eval", "retrieval", "random", "data.decode_on=device"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("densessl: error: data.decode_on='device'")
+
+
 @pytest.mark.parametrize("fmt", ["voc", "coco"])
 def test_voc_and_coco_folders_are_read_resized_with_their_masks_and_boxes(tmp_path, fmt):
     """Exported 40-px scenes read back at data.size=32: images and masks resized, boxes scaled."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from densessl.config import ConfigError, DataConfig
-from densessl.eval.protocols import EvalConfig
+from densessl.eval.protocols import EvalConfig, check_eval_data
 from densessl.models.backbones import STAGES
 
 
@@ -111,6 +111,7 @@ def parse_stage_set(name: str) -> tuple[str, ...]:
 
 def check_config(cfg: DenseConfig) -> None:
     """Fail early, naming the key, on values the probes cannot use."""
+    check_eval_data(cfg.data)
     bad = [p for p in cfg.probes if p not in PROBES]
     if bad:
         raise ConfigError(f"probes: unknown probe {bad[0]!r}; expected some of {', '.join(PROBES)}")
