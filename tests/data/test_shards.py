@@ -254,7 +254,10 @@ real_save = ckpt_io.save_atomic
 def save_then_pause(state, path, *args, **kwargs):
     real_save(state, path, *args, **kwargs)
     if Path(path).name == "last.pt":
-        Path(os.environ["PAUSE_MARKER"]).write_text(str(state["step"]))
+        # tmp + rename: the test polls for the marker and must never read it empty (it did, under load)
+        marker = Path(os.environ["PAUSE_MARKER"])
+        marker.with_suffix(".tmp").write_text(str(state["step"]))
+        os.replace(marker.with_suffix(".tmp"), marker)
         time.sleep(600)
 
 

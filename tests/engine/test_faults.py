@@ -59,7 +59,9 @@ class PausingFile(WrappedFile):
         if self.written >= 64 * 1024:
             self.f.flush()
             os.fsync(self.f.fileno())
-            marker.write_text(self.f.name)
+            # tmp + rename: the test polls for the marker and must never read it empty
+            marker.with_suffix(".tmp").write_text(self.f.name)
+            os.replace(marker.with_suffix(".tmp"), marker)
             time.sleep(600)
         return n
 
