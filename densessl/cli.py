@@ -70,7 +70,7 @@ def cmd_study(args) -> int:
     table, runs = default_paths(study)
     run_study(study, Path(args.table) if args.table else table, Path(args.runs) if args.runs else runs,
               stop_after_minutes=args.stop_after_minutes, only=args.only or None,
-              protocols=args.protocols or None, shard=_study_shard(args.shard))
+              protocols=args.protocols or None, shard=_study_shard(args.shard), seeds=args.seeds or None)
     return 0
 
 
@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--only", action="append", default=[], metavar="RUN", help="only this run name (repeatable)")
     st.add_argument("--protocols", action="append", default=[], metavar="PROTOCOL",
                     help="only this protocol (repeatable): e.g. the cheap ones before fine-tuning")
+    st.add_argument("--seeds", action="append", type=int, default=[], metavar="SEED",
+                    help="only this seed (repeatable): e.g. seed 0 of every run before the others")
     st.add_argument("--shard", default="0/1", metavar="K/N",
                     help="only units K, K+N, K+2N, ... of the declared order: N processes share a study "
                          "(one per core), appending to one table")

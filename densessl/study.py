@@ -249,16 +249,18 @@ def units(study: Study) -> list[Unit]:
 
 def run_study(study: Study, table: Path, runs_dir: Path, stop_after_minutes: float | None = None,
               only: list[str] | None = None, protocols: list[str] | None = None,
-              shard: tuple[int, int] = (0, 1), log=print) -> dict:
+              shard: tuple[int, int] = (0, 1), seeds: list[int] | None = None, log=print) -> dict:
     """Pretrain and evaluate what the table lacks; returns counts of rows written and skipped.
     `only` (run names) and `protocols` (protocol names) restrict the work: a unit none of whose
     wanted protocols is left is neither pretrained nor evaluated (cheap protocols first, say).
     `shard` (k, n): only the units whose place in the declared order is k modulo n, so that n
-    processes (one per core, say) share a study without overlap; they append to the same table."""
+    processes (one per core, say) share a study without overlap; they append to the same table.
+    `seeds`: only these pretraining (and random-init) seeds, e.g. seed 0 of every run first."""
     from densessl.common.distributed import init_distributed
 
     _check_names("--only", only, {r.label for r in study.runs} | {"random"}, study.name)
     _check_names("--protocols", protocols, {p.name for p in study.protocols}, study.name)
+    _check_names("--seeds", [str(x) for x in seeds or ()], {str(u.seed) for u in units(study)}, study.name)
 
     start = time.perf_counter()
     dist = init_distributed("auto", timeout_s=4 * 3600)  # other ranks wait while rank 0 evaluates
@@ -269,7 +271,7 @@ def run_study(study: Study, table: Path, runs_dir: Path, stop_after_minutes: flo
         raise ConfigError(f"--shard {k_shard}/{n_shard}: expected k/n with 0 <= k < n")
     mine = {(u.run, u.seed) for i, u in enumerate(units(study)) if i % n_shard == k_shard}
     for unit in work_order(study, runs_dir):
-        if (only and unit.run not in only) or (unit.run, unit.seed) not in mine:
+        if (only and unit.run not in only) or (seeds and unit.seed not in seeds) or (unit.run, unit.seed) not in mine:
             continue
         wanted = [p for p in unit_protocols(study, unit) if not protocols or p.name in protocols]
         missing = [p for p in wanted if (unit.run, unit.seed, p.name) not in done]

@@ -216,6 +216,17 @@ def test_only_and_protocols_restrict_the_work_and_unknown_names_are_one_clear_er
     assert err.startswith("densessl: error: --protocols detection: not declared") and err.count("\n") == 1
     assert main(["study", str(path), "--table", str(table), "--only", "mocov2-scenes"]) == 2
     assert "--only mocov2-scenes" in capsys.readouterr().err
+    assert main(["study", str(path), "--table", str(table), "--seeds", "7"]) == 2
+    assert capsys.readouterr().err.startswith("densessl: error: --seeds 7: not declared")
+
+
+def test_seeds_restricts_the_work_to_those_seeds(tmp_path):
+    study = load_study(str(tiny_study(tmp_path)))
+    study.runs = []  # the random baseline at weight seeds 0 and 1: evaluations only
+    table = tmp_path / "t.jsonl"
+    assert run_study(study, table, tmp_path / "runs", protocols=["frozen"], seeds=[1], log=lambda *a: None) == \
+        {"written": 1, "skipped": 0}
+    assert [row_key(r) for r in read_table(table)] == [("random", 1, "frozen")]
 
 
 def test_the_readme_headline_block_quotes_the_page_cell_for_cell(tmp_path):
