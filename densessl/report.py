@@ -9,6 +9,7 @@ runs' means with a 95% Welch interval and a verdict: holds (interval above 0), d
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from statistics import mean, median, stdev
 
@@ -280,13 +281,14 @@ def _provenance(study: Study, rows: list[dict]) -> list[str]:
     have = {row_key(r) for r in rows} & expected
     pre = {(r["run"], r["seed"]): r["pretrain_minutes"] for r in rows}
     cpu_minutes = sum(pre.values()) + sum(r["eval_minutes"] for r in rows)
-    machines = sorted({r["machine"] for r in rows})
+    machines = Counter(r["machine"] for r in rows)  # a machine's description has ';' in it: quoted, with its rows
+    machine_text = ", ".join(f"`{m}` ({n} row{'s' if n != 1 else ''})" for m, n in sorted(machines.items())) or "-"
     left_pre, left_eval = minutes_left(study, rows)
     return [f"Progress: {len(have)} of {len(expected)} rows ({len(expected) - len(have)} still to run, about "
             f"{(left_pre + left_eval) / 60:.0f} hours at the table's pace: {left_pre / 60:.0f} pretraining, "
             f"{left_eval / 60:.0f} evaluation). "
             f"Wall time in the table: {cpu_minutes / 60:.1f} hours (pretraining and evaluation). "
-            f"Machine{'s' if len(machines) > 1 else ''}: {'; '.join(machines) or '-'}. "
+            f"Machine{'s' if len(machines) > 1 else ''}: {machine_text}. "
             f"densessl {', '.join(sorted({r['densessl'] for r in rows})) or '-'}."]
 
 

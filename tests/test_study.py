@@ -344,3 +344,15 @@ def test_clears_says_whether_every_seed_lies_above_the_random_range(tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(Exception, match="clears entry names run 'mocov2-scenes'"):
         load_study(str(path))
+
+
+def test_the_progress_line_names_each_machine_quoted_with_its_rows(tmp_path):
+    from densessl.report import _provenance
+
+    study = load_study(str(tiny_study(tmp_path)))
+    row = dict(seed=0, protocol="frozen", epochs=1, pretrain_minutes=1.0, eval_minutes=1.0, densessl="0")
+    rows = [{**row, "run": "random", "machine": "AMD EPYC; 1 threads"},
+            {**row, "run": "random", "seed": 1, "machine": "AMD EPYC; 1 threads"},
+            {**row, "run": "byol-scenes", "machine": "Xeon; 1 threads"}]
+    line = _provenance(study, rows)[0]
+    assert "Machines: `AMD EPYC; 1 threads` (2 rows), `Xeon; 1 threads` (1 row)." in line
