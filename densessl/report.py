@@ -81,6 +81,11 @@ def verdict(rows: list[dict], claim: Claim) -> dict:
     return {"a": a, "b": b, "welch": w, "verdict": text}
 
 
+def table_head(columns: list[str], align: str) -> list[str]:
+    """A markdown table's header and rule; `align` one letter per column: l (left) or r (right)."""
+    return ["| " + " | ".join(columns) + " |", "|" + "".join("---:|" if a == "r" else "---|" for a in align)]
+
+
 def _pct(x: float, scale: float = 100.0) -> str:
     return "" if x is None or math.isnan(x) else f"{scale * x:.1f}"
 
@@ -114,8 +119,8 @@ def render(study: Study, rows: list[dict], table: Path, figure: str | None) -> s
         lines += ["## The claims", "",
                   "Difference of means (first run minus second) with a 95% Welch interval, in points. "
                   "Holds: the interval is above 0; does not hold: below 0; inconclusive: it contains 0.", "",
-                  "| claim | protocol: metric | first | second | difference [95% interval] | verdict | source |",
-                  "|---|---|---|---|---|---|---|"]
+                  *table_head(["claim", "protocol: metric", "first", "second", "difference [95% interval]",
+                               "verdict", "source"], "lllllll")]
         for c in study.claims:
             v = verdict(rows, c)
             w, k = v["welch"], c.scale
@@ -138,8 +143,7 @@ def render(study: Study, rows: list[dict], table: Path, figure: str | None) -> s
     for proto, metrics in by_protocol.items():
         p = eval_of[proto]
         lines += [f"### {proto}", "", f"`densessl eval {p.eval} CHECKPOINT {' '.join(p.overrides)}`".replace(" `", "`"),
-                  "", "| run | epochs | " + " | ".join(m.label for m in metrics) + " |",
-                  "|---|---:|" + "---:|" * len(metrics)]
+                  "", *table_head(["run", "epochs", *(m.label for m in metrics)], "lr" + "r" * len(metrics))]
         for run in run_names(study, proto):
             epochs = {r["epochs"] for r in rows if r["run"] == run and r["protocol"] == proto}
             cells = [_cell(values(rows, run, proto, m.metric), values(rows, "random", proto, m.metric),
@@ -165,8 +169,8 @@ def clears_lines(study: Study, rows: list[dict]) -> list[str]:
              "init's whole range on the protocol its paper reports (or the frozen probe that measures the same "
              "thing). Variants (the whole hue range jittered, a longer budget) are listed where the declared recipe "
              "does not clear it.", "",
-             "| run | paper's protocol | here: protocol: metric | run (mean ± 95%, n) | random range | verdict |",
-             "|---|---|---|---:|---:|---|"]
+             *table_head(["run", "paper's protocol", "here: protocol: metric", "run (mean ± 95%, n)", "random range",
+                          "verdict"], "lllrrl")]
     for c in study.clears:
         xs, random = values(rows, c.run, c.protocol, c.metric), values(rows, "random", c.protocol, c.metric)
         lines.append(f"| {c.run} | {c.paper} | {c.protocol}: `{c.metric}` | {_cell(xs, random, scale=c.scale)} | "
@@ -195,8 +199,8 @@ def discrimination_lines(study: Study, rows: list[dict]) -> list[str]:
              "headline metric: the random range over its weight seeds, the runs measured, how many have every seed "
              "above it (and below it), and the median over runs of the standard deviation over their seeds, in "
              "points.", "",
-             "| protocol: metric | random range | runs measured | every seed above | every seed below | "
-             "median seed sd |", "|---|---:|---:|---:|---:|---:|"]
+             *table_head(["protocol: metric", "random range", "runs measured", "every seed above", "every seed below",
+                          "median seed sd"], "lrrrrr")]
     for m in study.report:
         d = discrimination(study, rows, m)
         rng = f"{_pct(min(d['random']), m.scale)}-{_pct(max(d['random']), m.scale)}" if d["random"] else "-"
@@ -219,7 +223,7 @@ def headline_block(study: Study, rows: list[dict], page: str) -> str:
     lines = [README_BEGIN.format(name=study.name),
              f"`{h.run}` ({'/'.join(map(str, epochs)) or '-'} epochs, {len(seeds)} pretraining seeds) beside the "
              f"random init's range over its weight seeds, in points (mean ± 95% half-width; from [{page}]({page})):", "",
-             "| | " + " | ".join(m.label for m in metrics) + " |", "|---|" + "---:|" * len(metrics)]
+             *table_head(["", *(m.label for m in metrics)], "l" + "r" * len(metrics))]
     for run in (h.run, "random"):
         cells = [_cell(values(rows, run, m.protocol, m.metric), values(rows, "random", m.protocol, m.metric),
                        run == "random", m.scale) for m in metrics]
