@@ -269,9 +269,10 @@ def run_study(study: Study, table: Path, runs_dir: Path, stop_after_minutes: flo
     k_shard, n_shard = shard
     if not 0 <= k_shard < n_shard:
         raise ConfigError(f"--shard {k_shard}/{n_shard}: expected k/n with 0 <= k < n")
-    mine = {(u.run, u.seed) for i, u in enumerate(units(study)) if i % n_shard == k_shard}
+    mine = {(u.run, u.seed) for i, u in enumerate(units(study)) if i % n_shard == k_shard
+            and (not only or u.run in only) and (not seeds or u.seed in seeds)}  # this process's units
     for unit in work_order(study, runs_dir):
-        if (only and unit.run not in only) or (seeds and unit.seed not in seeds) or (unit.run, unit.seed) not in mine:
+        if (unit.run, unit.seed) not in mine:
             continue
         wanted = [p for p in unit_protocols(study, unit) if not protocols or p.name in protocols]
         missing = [p for p in wanted if (unit.run, unit.seed, p.name) not in done]
