@@ -441,7 +441,7 @@ def write_jpeg_folder(root: Path, n: int, lo: int, hi: int, classes: int = 10) -
 def pretrain_overrides(args, root: Path, run_dir: Path, decode_on: str = "workers") -> list[str]:
     out = [f"data.root={root}", "data.dataset=imagefolder", f"data.decode_on={decode_on}", f"train.batch_size={args.batch}", "train.epochs=1",
            f"train.steps_per_epoch={args.pretrain_steps}", f"train.log_every={args.log_every}",
-           "train.ckpt_every=1000000000", "train.keep_every=0", "train.progress=false", "train.tensorboard=false",
+           "train.ckpt_every=1000000000", "train.keep_every=0", "train.progress=false", "train.tracker=none",
            "train.knn_every=0", f"train.precision={args.precision}",
            f"train.channels_last={str(args.channels_last).lower()}", f"train.device={args.device}",
            f"run_dir={run_dir}"]

@@ -195,7 +195,6 @@ class TrainConfig:
     probe_lr: float = 0.1
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
-    tensorboard: bool = True  # the tensorboard tracker's switch (false: no tracker); unused by the others
     # where rank 0 sends metrics.jsonl's records too: tensorboard | wandb | mlflow | none (densessl/engine/trackers.py)
     tracker: str = "tensorboard"
 
@@ -402,8 +401,20 @@ def save_config(cfg: Config, path: Path) -> None:
     Path(path).write_text(config_yaml(cfg))
 
 
+def _retire_keys(data: dict) -> dict:
+    """Map keys densessl no longer has, still written in older run folders and checkpoints (and in
+    users' commands), onto the key that replaced them. `train.tensorboard=false` is `train.tracker=none`."""
+    train = data.get("train")
+    if isinstance(train, dict) and "tensorboard" in train:
+        train = dict(train)
+        if train.pop("tensorboard") is False and train.get("tracker", "tensorboard") == "tensorboard":
+            train["tracker"] = "none"
+        data = {**data, "train": train}
+    return data
+
+
 def config_from_dict(data: dict) -> Config:
-    cfg = from_dict(Config, data)
+    cfg = from_dict(Config, _retire_keys(data))
     # `method:` is a plain mapping in Config; it is typed by the schema that its method registered
     cfg.method = from_dict(method_schema(cfg.method.get("name")), cfg.method, "method")
     return cfg

@@ -13,7 +13,7 @@ torch.set_num_threads(1)
 TINY = [
     "model.width=8", "method.proj_hidden_dim=32", "method.proj_dim=16", "method.pred_hidden_dim=32",
     "data.num_scenes=64", "data.size=32", "data.num_workers=0", "views.0.size=32", "views.1.size=32",
-    "train.batch_size=16", "train.epochs=2", "train.progress=false", "train.tensorboard=false",
+    "train.batch_size=16", "train.epochs=2", "train.progress=false", "train.tracker=none",
     "train.log_every=1", "train.ckpt_every=2", "train.precision=fp32", "optim.warmup_epochs=0.5",
     "train.knn_every=0",  # recipes that set a kNN monitor keep it off in tests (they ask for it by name)
 ]

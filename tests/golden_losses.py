@@ -37,7 +37,7 @@ def recipes() -> list[str]:
 def overrides_for(recipe: str, run_dir: str) -> list[str]:
     batch = BATCH if recipe.endswith("-scenes") else 8
     base = [f"train.batch_size={batch}", "data.num_workers=0", "train.progress=false", "train.knn_every=0",
-            "train.tensorboard=false", "train.precision=fp32", f"run_dir={run_dir}", "train.seed=0"]
+            "train.tracker=none", "train.precision=fp32", f"run_dir={run_dir}", "train.seed=0"]
     if recipe.endswith("-scenes"):
         return base
     return base + (VIDEO_DATA if "video" in recipe else SMALL_DATA) + ["train.sync_bn=false"]

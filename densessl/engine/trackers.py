@@ -1,7 +1,6 @@
 """Experiment trackers: where rank 0 sends the records it writes to metrics.jsonl (`train.tracker`).
 
-- `tensorboard` (default): scalars `train/<key>` under run_dir/tensorboard; `train.tensorboard=false`
-  switches it off. Without the tensorboard package it prints a note and logs nothing more:
+- `tensorboard` (default): scalars `train/<key>` under run_dir/tensorboard. Without the tensorboard package it prints a note and logs nothing more:
   metrics.jsonl holds the same records.
 - `wandb`: a W&B run named after run_dir, project $WANDB_PROJECT (default "densessl"), its files
   under run_dir, the resolved config as the run's config. WANDB_MODE=offline needs no network
@@ -94,12 +93,12 @@ def tracker_module(cfg: Config):
 def open_tracker(cfg: Config, run_dir: Path):
     """The tracker of `train.tracker` (rank 0 only), or None: an object with log(record), close()."""
     name = cfg.train.tracker
-    if name == "tensorboard" and cfg.train.tensorboard:
+    if name == "tensorboard":
         try:
             return TensorBoardTracker(run_dir)
         except ImportError:  # the default tracker: a note, not an error (metrics.jsonl holds the same records)
             print("densessl: note: tensorboard is not installed, so no TensorBoard logs "
-                  "(pip install 'densessl[tensorboard]', or train.tensorboard=false to silence this)", file=sys.stderr)
+                  "(pip install 'densessl[tensorboard]', or train.tracker=none to silence this)", file=sys.stderr)
             return None
     if name == "wandb":
         return WandbTracker(tracker_module(cfg), cfg, run_dir)

@@ -32,7 +32,8 @@ from densessl.eval.monitor import KnnMonitor, probe_epoch_record
 from densessl.methods import build_method
 from densessl.models.backbones import build_backbone
 
-# Keys that may differ between a run and its resumption without changing the result.
+# Keys that may differ between a run and its resumption without changing the result
+# (train.tensorboard: retired, still in older runs' config.yaml; see config._retire_keys).
 RESUME_FREE_KEYS = {"train.progress", "train.log_every", "train.tensorboard", "train.tracker", "train.device",
                     "data.num_workers", "train.ckpt_every", "train.keep_every", "train.dist_timeout_s"}
 

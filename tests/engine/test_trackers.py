@@ -11,7 +11,7 @@ import pytest
 
 from conftest import TINY
 from densessl.cli import main
-from densessl.config import ConfigError, build_config, to_dict
+from densessl.config import ConfigError, build_config, config_from_dict, to_dict
 from densessl.engine.trackers import TensorBoardTracker, open_tracker
 from densessl.engine.trainer import Trainer
 
@@ -100,7 +100,7 @@ def test_a_missing_tracker_package_names_its_extra(tracker, tmp_path, monkeypatc
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before training
 
 
-def test_tensorboard_stays_the_default_and_its_switch_still_works(tmp_path):
+def test_tensorboard_stays_the_default_and_tracker_none_switches_it_off(tmp_path):
     pytest.importorskip("torch.utils.tensorboard")
     cfg = build_config("byol-scenes", [f"run_dir={tmp_path}"])
     assert cfg.train.tracker == "tensorboard"
@@ -109,5 +109,15 @@ def test_tensorboard_stays_the_default_and_its_switch_still_works(tmp_path):
     tb.log({"step": 3, "loss": 1.5, "nan": float("nan")})
     tb.close()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    assert open_tracker(build_config("byol-scenes", ["train.tensorboard=false"]), tmp_path) is None
     assert open_tracker(build_config("byol-scenes", ["train.tracker=none"]), tmp_path) is None
+
+
+def test_the_retired_tensorboard_switch_maps_onto_train_tracker():
+    # older run folders' config.yaml and users' commands still carry train.tensorboard
+    assert build_config("byol-scenes", ["train.tensorboard=false"]).train.tracker == "none"
+    assert build_config("byol-scenes", ["train.tensorboard=true"]).train.tracker == "tensorboard"
+    # it never overrides a tracker chosen by name
+    assert build_config("byol-scenes", ["train.tensorboard=false", "train.tracker=wandb"]).train.tracker == "wandb"
+    saved = to_dict(build_config("byol-scenes"))
+    saved["train"]["tensorboard"] = False
+    assert config_from_dict(saved).train.tracker == "none"
