@@ -1,5 +1,6 @@
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,15 @@ def subprocess_env() -> dict:
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+def wait_for_marker(proc, marker: Path, timeout_s: float) -> bool:
+    """Poll until the subprocess `proc` writes `marker` (it then sleeps, to be killed where the test
+    wants it) or exits, or `timeout_s` passes; whether the marker is there."""
+    deadline = time.time() + timeout_s
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    return marker.exists()
 
 
 def assert_momentum_end_moves_target_halfway(method) -> None:

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -41,7 +40,7 @@ def _top_conftest():
 
 
 _conf = _top_conftest()
-TINY, cli_command, subprocess_env = _conf.TINY, _conf.cli_command, _conf.subprocess_env
+TINY, cli_command, subprocess_env, wait_for_marker = _conf.TINY, _conf.cli_command, _conf.subprocess_env, _conf.wait_for_marker
 TINY_DATA = [o for o in TINY if not o.startswith("data.num_scenes")]
 
 
@@ -278,10 +277,8 @@ def test_a_run_on_shards_killed_mid_epoch_resumes_exactly(tmp_path):
                             env={**env, "PAUSE_MARKER": str(marker)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.time() + 240
-        while not marker.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        assert marker.exists() and marker.read_text() == "2", "the run never paused after its first checkpoint"
+        assert wait_for_marker(proc, marker, 240) and marker.read_text() == "2", \
+            "the run never paused after its first checkpoint"
         os.killpg(proc.pid, signal.SIGKILL)  # the run and its DataLoader workers
         proc.wait(timeout=30)
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, cli_command, subprocess_env
+from conftest import TINY, cli_command, subprocess_env, wait_for_marker
 from densessl import cli
 from densessl.common import checkpoint as ckpt_io
 from densessl.common.checkpoint import CheckpointError, load_checkpoint
@@ -96,10 +96,7 @@ def test_sigkill_inside_a_checkpoint_write_keeps_last_and_the_rerun_resumes_exac
                                  "WRAPPED_FILE_DIR": str(Path(__file__).parent)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 180
-        while not marker.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        assert marker.exists(), "the run never paused inside its second write of last.pt"
+        assert wait_for_marker(proc, marker, 180), "the run never paused inside its second write of last.pt"
         tmp = Path(marker.read_text())
         assert tmp.parent == ckpts and tmp.exists()
         proc.send_signal(signal.SIGKILL)
