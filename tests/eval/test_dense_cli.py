@@ -83,6 +83,19 @@ def test_single_probe_command_and_presets(tmp_path):
         dense_config(["seg.stages=[c4+c9]"])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("retrieval.k=0", "retrieval.k=0: expected >= 1"),
+    ("retrieval.fractions=[0.5,1.5]", "retrieval.fractions=[0.5, 1.5]: expected fractions in (0, 1]"),
+    ("seg.holdout=1.0", "seg.holdout=1.0: expected a fraction in (0, 1)"),
+    ("cluster.pca_dim=0", "cluster.pca_dim=0: expected >= 1"),
+    ("data.dataset=imagefolder", "data.dataset='imagefolder': expected fashion_scenes, moving_scenes, voc or coco"),
+])
+def test_a_refused_dense_setting_names_its_key_the_value_given_and_the_rule(override, message):
+    with pytest.raises(ConfigError) as e:
+        dense_config([override])
+    assert str(e.value).startswith(message)
+
+
 def test_evaluation_refuses_the_pretraining_only_decode_on_key(capsys):
     # ignoring it would let a user believe the GPU decoded their evaluation images
     from densessl.eval.protocols import eval_config

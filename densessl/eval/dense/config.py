@@ -119,20 +119,25 @@ def check_config(cfg: DenseConfig) -> None:
         for s in getattr(cfg, section).stages:
             parse_stage_set(s)
     r, s, c = cfg.retrieval, cfg.seg, cfg.cluster
+    # (ok, key, value, what was expected): a refusal names the key, the value given and the rule
     checks = [
-        (r.k >= 1, "retrieval.k must be >= 1"), (r.temperature > 0, "retrieval.temperature must be > 0"),
-        (r.memory_size >= 1, "retrieval.memory_size must be >= 1"),
-        (all(0 < f <= 1 for f in r.fractions) and r.fractions, "retrieval.fractions must lie in (0, 1]"),
-        (r.sampling in ("rare", "uniform"), "retrieval.sampling must be rare or uniform"),
-        (s.lr_grid and all(lr > 0 for lr in s.lr_grid), "seg.lr_grid must hold positive learning rates"),
-        (0 < s.holdout < 1, "seg.holdout must lie in (0, 1)"), (s.epochs >= 1, "seg.epochs must be >= 1"),
-        (c.seeds >= 1 and c.pca_dim >= 1, "cluster.seeds and cluster.pca_dim must be >= 1"),
-        (cfg.region.size_bins in ("terciles", "coco"), "region.size_bins must be terciles or coco"),
-        (cfg.store_dtype in ("float32", "float16", "bfloat16"), "store_dtype must be float32, float16 or bfloat16"),
-        (cfg.precision in ("fp32", "bf16"), "precision must be fp32 or bf16"),
-        (cfg.data.dataset in ("fashion_scenes", "moving_scenes", "voc", "coco"),
-         "data.dataset must be fashion_scenes, moving_scenes, voc or coco"),
+        (r.k >= 1, "retrieval.k", r.k, ">= 1"), (r.temperature > 0, "retrieval.temperature", r.temperature, "> 0"),
+        (r.memory_size >= 1, "retrieval.memory_size", r.memory_size, ">= 1"),
+        (bool(r.fractions) and all(0 < f <= 1 for f in r.fractions), "retrieval.fractions", r.fractions,
+         "fractions in (0, 1]"),
+        (r.sampling in ("rare", "uniform"), "retrieval.sampling", r.sampling, "rare or uniform"),
+        (bool(s.lr_grid) and all(lr > 0 for lr in s.lr_grid), "seg.lr_grid", s.lr_grid, "positive learning rates"),
+        (0 < s.holdout < 1, "seg.holdout", s.holdout, "a fraction in (0, 1)"),
+        (s.epochs >= 1, "seg.epochs", s.epochs, ">= 1"),
+        (c.seeds >= 1, "cluster.seeds", c.seeds, ">= 1"), (c.pca_dim >= 1, "cluster.pca_dim", c.pca_dim, ">= 1"),
+        (cfg.region.size_bins in ("terciles", "coco"), "region.size_bins", cfg.region.size_bins, "terciles or coco"),
+        (cfg.store_dtype in ("float32", "float16", "bfloat16"), "store_dtype", cfg.store_dtype,
+         "float32, float16 or bfloat16"),
+        (cfg.precision in ("fp32", "bf16"), "precision", cfg.precision, "fp32 or bf16"),
+        (cfg.data.dataset in ("fashion_scenes", "moving_scenes", "voc", "coco"), "data.dataset", cfg.data.dataset,
+         "fashion_scenes, moving_scenes, voc or coco (the probes need per-pixel labels; an image folder's "
+         "class labels serve `densessl eval frozen`)"),
     ]
-    for ok, message in checks:
+    for ok, key, value, expected in checks:
         if not ok:
-            raise ConfigError(message)
+            raise ConfigError(f"{key}={value!r}: expected {expected}")
