@@ -1,7 +1,7 @@
 """Experiment trackers: where rank 0 sends the records it writes to metrics.jsonl (`train.tracker`).
 
-- `tensorboard` (default): scalars `train/<key>` under run_dir/tensorboard. Without the tensorboard package it prints a note and logs nothing more:
-  metrics.jsonl holds the same records.
+- `tensorboard` (default): scalars `train/<key>` under run_dir/tensorboard. Without the
+  tensorboard package it prints a note and logs nothing more: metrics.jsonl holds the same records.
 - `wandb`: a W&B run named after run_dir, project $WANDB_PROJECT (default "densessl"), its files
   under run_dir, the resolved config as the run's config. WANDB_MODE=offline needs no network
   (`wandb sync` uploads later).

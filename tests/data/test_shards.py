@@ -40,7 +40,8 @@ def _top_conftest():
 
 
 _conf = _top_conftest()
-TINY, cli_command, subprocess_env, wait_for_marker = _conf.TINY, _conf.cli_command, _conf.subprocess_env, _conf.wait_for_marker
+TINY, cli_command, subprocess_env = _conf.TINY, _conf.cli_command, _conf.subprocess_env
+wait_for_marker = _conf.wait_for_marker
 TINY_DATA = [o for o in TINY if not o.startswith("data.num_scenes")]
 
 
