@@ -89,23 +89,21 @@ def dense_dataset(cfg, split: str) -> tuple[Dataset, tuple[str, ...]]:
     """(DenseItems, class names with "background" first) of ``split`` ("train" or "val")."""
     data = cfg.data
     num = cfg.num_train if split == "train" else cfg.num_test
+    name = data.train_split if split == "train" else data.val_split
     if data.dataset == "fashion_scenes":
         from densessl.data.build import build_dataset
         from densessl.data.fashion_mnist import CLASSES
 
-        name = data.train_split if split == "train" else data.val_split
         src = build_dataset(data, split=name, with_masks=True, num=data.num_scenes if num is None else num)
         return DenseItems(src, None, data.size, "scenes"), ("background",) + tuple(CLASSES)
     if data.dataset == "moving_scenes":
         from densessl.data.moving_scenes import moving_scenes_segmentation
 
-        name = data.train_split if split == "train" else data.val_split
         items, classes = moving_scenes_segmentation(name, data.num_scenes if num is None else num, data.size,
                                                     data.seed, data.root)
         return DenseItems(items, None, data.size, "moving_scenes"), classes
     if not data.root:
         raise ConfigError(f"data.dataset={data.dataset} needs data.root=<the {data.dataset.upper()} folder>")
-    name = data.train_split if split == "train" else data.val_split
     if data.dataset == "voc":
         from densessl.data.voc import VOCSegmentation
 
