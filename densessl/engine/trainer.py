@@ -73,7 +73,8 @@ def collapse_warning(first_z_std: float, z_std: float, ratio: float = 0.6) -> st
     to 0.12-0.52 ("SwAV-family collapse"), as did one BYOL augmentation-sweep variant (0.40)."""
     if first_z_std > 0 and z_std < ratio * first_z_std:
         return (f"warning: embedding std z_std fell from {first_z_std:.4f} to {z_std:.4f} (below {ratio:.0%} of "
-                f"its first value): the embeddings may be collapsing; see docs/methods/swav.md")
+                f"its first value): the embeddings may be collapsing; "
+                f"see docs/reliability.md, 'The collapse warning'")
     return None
 
 

@@ -1,5 +1,6 @@
 """The trainer's collapse warning: thresholds from measured runs, and its wiring into the log."""
 import json
+from pathlib import Path
 
 from densessl.config import build_config
 from densessl.engine.trainer import Trainer, collapse_warning
@@ -13,6 +14,9 @@ def test_collapse_warning_separates_the_measured_runs():
     assert collapse_warning(0.0, 0.0) is None  # nothing logged yet
     msg = collapse_warning(0.065, 0.008)
     assert "0.0650" in msg and "0.0080" in msg and "z_std" in msg
+    # it points at the section that says what the warning has meant, for every method that logs z_std
+    assert "docs/reliability.md, 'The collapse warning'" in msg
+    assert "## The collapse warning" in (Path(__file__).parents[2] / "docs" / "reliability.md").read_text()
 
 
 def test_trainer_warns_once_when_z_std_falls(tmp_path, capsys):
