@@ -134,6 +134,11 @@ def test_faithful_backbone_trajectory_is_the_same_without_the_cross_view_term():
         assert torch.equal(a, b) == (n != "l2g_prototypes.weight"), n
     intended = train((1 / 3, 1 / 3, 1 / 3), False)
     assert not torch.equal(intended.backbone.conv1.weight, without.backbone.conv1.weight)
+    # the claims study's control (gaelle-nocross-third: the recipe's undetached term at weight 0)
+    # trains the code's backbone too
+    zero_weight = train((1 / 3, 1 / 3, 0.0), False)
+    for (n, a), b in zip(zero_weight.named_parameters(), with_term.parameters()):
+        assert torch.equal(a, b) == (n != "l2g_prototypes.weight"), n
 
 
 def test_token_shuffle_is_reproducible_and_a_no_op_with_one_token():
