@@ -130,7 +130,7 @@ def render(study: Study, rows: list[dict], table: Path, figure: str | None) -> s
                          f"{c.worse} {_cell(v['b'], random, c.worse == 'random', k)} | {diff} | {v['verdict']} | "
                          f"{c.source} |")
         lines.append("")
-    lines += clears_lines(study, rows)
+    lines += clears_lines(study, rows) + method_lines(study, rows)
     lines += discrimination_lines(study, rows)
     lines += ["## Per protocol", "",
               "Mean over pretraining seeds ± the 95% t-interval's half-width, in points, with the number of seeds; "
@@ -175,6 +175,46 @@ def clears_lines(study: Study, rows: list[dict]) -> list[str]:
         xs, random = values(rows, c.run, c.protocol, c.metric), values(rows, "random", c.protocol, c.metric)
         lines.append(f"| {c.run} | {c.paper} | {c.protocol}: `{c.metric}` | {_cell(xs, random, scale=c.scale)} | "
                      f"{_cell(random, random, True, c.scale)} | {CLEARS[mark(xs, random)] if xs else CLEARS['']} |")
+    return lines + [""]
+
+
+def method_lines(study: Study, rows: list[dict]) -> list[str]:
+    """One line per method (a recipe and the clears runs built on it): which variants clear; where none
+    does, the best one and the other headline metrics on which a variant clears; and, where the declared
+    recipe does not clear, the doc that says why."""
+    if not study.clears:
+        return []
+    recipe_of = {r.label: r.recipe for r in study.runs}
+    groups: dict[str, list] = {}
+    for c in study.clears:
+        groups.setdefault(recipe_of[c.run], []).append(c)
+    random = lambda protocol, metric: values(rows, "random", protocol, metric)
+    lines = ["Per method (its recipe and the variants above):", ""]
+    for recipe, cs in groups.items():
+        measured = [(c, xs) for c in cs if (xs := values(rows, c.run, c.protocol, c.metric))]
+        cleared = [c.run for c, xs in measured if mark(xs, random(c.protocol, c.metric)) == ">"]
+        pending = [c.run for c in cs if c.run not in {m.run for m, _ in measured}]
+        if cleared:
+            text = f"clears: {', '.join(cleared)}" + ("" if cs[0].run in cleared else
+                                                       f" (not the declared recipe, {cs[0].run})")
+        elif not measured:
+            text = "not measured yet"
+        else:
+            c, xs = max(measured, key=lambda m: mean(m[1]))
+            other = [f"{m.label}: {', '.join(above)}" for m in study.report
+                     if (above := [v.run for v in cs if mark(values(rows, v.run, m.protocol, m.metric),
+                                                             random(m.protocol, m.metric)) == ">"])]
+            text = (f"no variant clears {cs[0].paper or cs[0].metric}; the best, {c.run}, "
+                    f"{_cell(xs, random(c.protocol, c.metric), scale=c.scale)} against the random "
+                    f"{_cell(random(c.protocol, c.metric), [], True, c.scale)}; "
+                    + (f"every seed above the random range on: {'; '.join(other)}" if other
+                       else "no headline metric has every seed of a variant above the random range"))
+        why = next((c.why for c in cs if c.why), "")
+        if why and cs[0].run not in cleared:
+            text += f"; why the recipe does not: [{why}]({why})"
+        if pending:
+            text += f" ({', '.join(pending)} not measured yet)"
+        lines.append(f"- `{recipe}`: {text}.")
     return lines + [""]
 
 

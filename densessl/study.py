@@ -75,6 +75,7 @@ class Clears:
     metric: str
     paper: str = ""  # the paper's protocol, in words
     scale: float = 100.0
+    why: str = ""  # a doc link (relative to the results page): why the method does not clear at this scale
 
 
 @dataclass

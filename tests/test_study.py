@@ -346,6 +346,39 @@ def test_clears_says_whether_every_seed_lies_above_the_random_range(tmp_path):
         load_study(str(path))
 
 
+def test_per_method_line_groups_variants_by_recipe_and_names_the_best_when_none_clears(tmp_path):
+    from densessl.report import method_lines
+
+    path = tiny_study(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["runs"].append({"recipe": "byol-scenes", "name": "byol-hue", "epochs": 1})
+    data["clears"] = [{"run": "byol-scenes", "paper": "linear", "protocol": "frozen", "metric": "knn_top1",
+                       "why": "methods/byol.md#at-this-scale"},
+                      {"run": "byol-hue", "paper": "linear", "protocol": "frozen", "metric": "knn_top1"}]
+    path.write_text(yaml.safe_dump(data))
+    study = load_study(str(path))
+    table = {"random": ([0.20, 0.25], [0.10, 0.11]), "byol-scenes": ([0.22, 0.26], [0.11, 0.13]),
+             "byol-hue": ([0.24, 0.28], [0.15, 0.20])}
+    rows = lambda t: [{"run": run, "seed": s, "protocol": p, "metrics": {m: v}}
+                      for run, (knn, retr) in t.items() for p, m, vals in (("frozen", "knn_top1", knn),
+                                                                          ("dense", "retrieval.mIoU.c4.1", retr))
+                      for s, v in enumerate(vals)]
+    (line,) = [x for x in method_lines(study, rows(table)) if x.startswith("- ")]
+    # neither clears kNN; byol-hue has the higher mean (26.0); on retrieval only byol-hue has every seed above 11.0
+    assert line == ("- `byol-scenes`: no variant clears linear; the best, byol-hue, 26.0 ± 25.4 (n=2) ~ against the "
+                    "random 20.0-25.0 (n=2); every seed above the random range on: retrieval: byol-hue; why the "
+                    "recipe does not: [methods/byol.md#at-this-scale](methods/byol.md#at-this-scale).")
+    table["byol-hue"] = ([0.26, 0.30], [0.15, 0.20])
+    (line,) = [x for x in method_lines(study, rows(table)) if x.startswith("- ")]
+    assert line.startswith("- `byol-scenes`: clears: byol-hue (not the declared recipe, byol-scenes); why the recipe "
+                           "does not: [methods/byol.md")
+    del table["byol-hue"]
+    (line,) = [x for x in method_lines(study, rows(table)) if x.startswith("- ")]
+    assert line.endswith("(n=2); no headline metric has every seed of a variant above the random range; why the "
+                         "recipe does not: [methods/byol.md#at-this-scale](methods/byol.md#at-this-scale) "
+                         "(byol-hue not measured yet).")
+
+
 def test_the_progress_line_names_each_machine_quoted_with_its_rows(tmp_path):
     from densessl.report import _provenance
 
