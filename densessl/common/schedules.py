@@ -17,6 +17,7 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base: float, f
 
 
 def cosine_momentum(step: int, total_steps: int, base: float, final: float = 1.0) -> float:
-    """BYOL's EMA momentum: m(k) = 1 - (1 - base) * (cos(pi k / K) + 1) / 2, from base to 1."""
+    """BYOL's EMA momentum: m(k) = final - (final - base) * (cos(pi k / K) + 1) / 2, from base to
+    final (BYOL's 1 by default)."""
     progress = min(1.0, step / max(1, total_steps))
     return final - (final - base) * (math.cos(math.pi * progress) + 1.0) / 2.0

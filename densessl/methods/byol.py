@@ -1,8 +1,8 @@
 """BYOL (Grill et al., 2020): regress an EMA target's projection of another view.
 
 Faithful to the official code (specs, BYOL): projector and predictor Linear-BN-ReLU-Linear,
-EMA of parameters only with a cosine momentum schedule from `momentum_base` to 1 over
-training, symmetric loss 2 - 2 cos(p, sg(z)). The target runs in train mode (batch
+EMA of parameters only with a cosine momentum schedule from `momentum_base` to `momentum_end`
+(1 by default) over training, symmetric loss 2 - 2 cos(p, sg(z)). The target runs in train mode (batch
 statistics). Both views share a resolution, so each network sees them in one call (BN
 statistics are taken over both views together).
 """
