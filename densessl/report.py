@@ -211,7 +211,7 @@ def method_lines(study: Study, rows: list[dict]) -> list[str]:
                        else "no headline metric has every seed of a variant above the random range"))
         why = next((c.why for c in cs if c.why), "")
         if why and cs[0].run not in cleared:
-            text += f"; why the recipe does not: [{why}]({why})"
+            text += f"; why the recipe does not: [{why.split('#')[0]}]({why})"
         if pending:
             text += f" ({', '.join(pending)} not measured yet)"
         lines.append(f"- `{recipe}`: {text}.")

@@ -367,7 +367,7 @@ def test_per_method_line_groups_variants_by_recipe_and_names_the_best_when_none_
     # neither clears kNN; byol-hue has the higher mean (26.0); on retrieval only byol-hue has every seed above 11.0
     assert line == ("- `byol-scenes`: no variant clears linear; the best, byol-hue, 26.0 ± 25.4 (n=2) ~ against the "
                     "random 20.0-25.0 (n=2); every seed above the random range on: retrieval: byol-hue; why the "
-                    "recipe does not: [methods/byol.md#at-this-scale](methods/byol.md#at-this-scale).")
+                    "recipe does not: [methods/byol.md](methods/byol.md#at-this-scale).")
     table["byol-hue"] = ([0.26, 0.30], [0.15, 0.20])
     (line,) = [x for x in method_lines(study, rows(table)) if x.startswith("- ")]
     assert line.startswith("- `byol-scenes`: clears: byol-hue (not the declared recipe, byol-scenes); why the recipe "
@@ -375,7 +375,7 @@ def test_per_method_line_groups_variants_by_recipe_and_names_the_best_when_none_
     del table["byol-hue"]
     (line,) = [x for x in method_lines(study, rows(table)) if x.startswith("- ")]
     assert line.endswith("(n=2); no headline metric has every seed of a variant above the random range; why the "
-                         "recipe does not: [methods/byol.md#at-this-scale](methods/byol.md#at-this-scale) "
+                         "recipe does not: [methods/byol.md](methods/byol.md#at-this-scale) "
                          "(byol-hue not measured yet).")
 
 
