@@ -185,15 +185,19 @@ def method_lines(study: Study, rows: list[dict]) -> list[str]:
     if not study.clears:
         return []
     recipe_of = {r.label: r.recipe for r in study.runs}
+    declared = {r.label: len(r.seeds or study.seeds) for r in study.runs}
     groups: dict[str, list] = {}
     for c in study.clears:
         groups.setdefault(recipe_of[c.run], []).append(c)
     random = lambda protocol, metric: values(rows, "random", protocol, metric)
-    lines = ["Per method (its recipe and the variants above):", ""]
+    lines = ["Per method (its recipe and the variants above); a variant clears once all its declared seeds are "
+             "measured and above the range:", ""]
     for recipe, cs in groups.items():
         measured = [(c, xs) for c in cs if (xs := values(rows, c.run, c.protocol, c.metric))]
-        cleared = [c.run for c, xs in measured if mark(xs, random(c.protocol, c.metric)) == ">"]
-        pending = [c.run for c in cs if c.run not in {m.run for m, _ in measured}]
+        cleared = [c.run for c, xs in measured
+                   if len(xs) >= declared[c.run] and mark(xs, random(c.protocol, c.metric)) == ">"]
+        pending = [c.run if not xs else f"{c.run}: {len(xs)} of {declared[c.run]} seeds"
+                   for c in cs if len(xs := values(rows, c.run, c.protocol, c.metric)) < declared[c.run]]
         if cleared:
             text = f"clears: {', '.join(cleared)}" + ("" if cs[0].run in cleared else
                                                        f" (not the declared recipe, {cs[0].run})")
@@ -213,7 +217,7 @@ def method_lines(study: Study, rows: list[dict]) -> list[str]:
         if why and cs[0].run not in cleared:
             text += f"; why the recipe does not: [{why.split('#')[0]}]({why})"
         if pending:
-            text += f" ({', '.join(pending)} not measured yet)"
+            text += f" (not measured yet: {', '.join(pending)})"
         lines.append(f"- `{recipe}`: {text}.")
     return lines + [""]
 

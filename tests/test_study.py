@@ -376,7 +376,12 @@ def test_per_method_line_groups_variants_by_recipe_and_names_the_best_when_none_
     (line,) = [x for x in method_lines(study, rows(table)) if x.startswith("- ")]
     assert line.endswith("(n=2); no headline metric has every seed of a variant above the random range; why the "
                          "recipe does not: [methods/byol.md](methods/byol.md#at-this-scale) "
-                         "(byol-hue not measured yet).")
+                         "(not measured yet: byol-hue).")
+    # one of byol-hue's two seeds, above the range: not yet a verdict
+    table["byol-hue"] = ([0.26], [0.15])
+    (line,) = [x for x in method_lines(study, rows(table)) if x.startswith("- ")]
+    assert line.startswith("- `byol-scenes`: no variant clears linear; the best, byol-hue, 26.0 (n=1) >")
+    assert line.endswith("(not measured yet: byol-hue: 1 of 2 seeds).")
 
 
 def test_the_progress_line_names_each_machine_quoted_with_its_rows(tmp_path):
