@@ -171,10 +171,14 @@ def clears_lines(study: Study, rows: list[dict]) -> list[str]:
              "does not clear it.", "",
              *table_head(["run", "paper's protocol", "here: protocol: metric", "run (mean ± 95%, n)", "random range",
                           "verdict"], "lllrrl")]
+    declared = {r.label: len(r.seeds or study.seeds) for r in study.runs}
     for c in study.clears:
         xs, random = values(rows, c.run, c.protocol, c.metric), values(rows, "random", c.protocol, c.metric)
+        verdict = CLEARS[mark(xs, random)] if xs else CLEARS[""]
+        if xs and len(xs) < declared[c.run]:  # a verdict on some of the seeds is provisional
+            verdict = f"{verdict} so far ({len(xs)} of {declared[c.run]} seeds)"
         lines.append(f"| {c.run} | {c.paper} | {c.protocol}: `{c.metric}` | {_cell(xs, random, scale=c.scale)} | "
-                     f"{_cell(random, random, True, c.scale)} | {CLEARS[mark(xs, random)] if xs else CLEARS['']} |")
+                     f"{_cell(random, random, True, c.scale)} | {verdict} |")
     return lines + [""]
 
 

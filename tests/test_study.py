@@ -340,6 +340,8 @@ def test_clears_says_whether_every_seed_lies_above_the_random_range(tmp_path):
     assert clears_lines(study, rows([0.30, 0.24]))[-2].endswith("| inside the range |")
     assert clears_lines(study, rows([0.10, 0.12]))[-2].endswith("| below the range (every seed) |")
     assert clears_lines(study, rows([]))[-2].endswith("| not measured yet |")
+    assert clears_lines(study, rows([0.30]))[-2].endswith(
+        "| clears (every seed above the range) so far (1 of 2 seeds) |")  # not yet a verdict
     data["clears"][0]["run"] = "mocov2-scenes"
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(Exception, match="clears entry names run 'mocov2-scenes'"):
