@@ -336,9 +336,12 @@ def _provenance(study: Study, rows: list[dict]) -> list[str]:
     machines = Counter(r["machine"] for r in rows)  # a machine's description has ';' in it: quoted, with its rows
     machine_text = ", ".join(f"`{m}` ({n} row{'s' if n != 1 else ''})" for m, n in sorted(machines.items())) or "-"
     left_pre, left_eval = minutes_left(study, rows)
-    return [f"Progress: {len(have)} of {len(expected)} rows ({len(expected) - len(have)} still to run, about "
-            f"{(left_pre + left_eval) / 60:.0f} hours at the table's pace: {left_pre / 60:.0f} pretraining, "
-            f"{left_eval / 60:.0f} evaluation). "
+    progress = (f"Progress: {len(have)} of {len(expected)} rows, every declared row measured. "
+                if len(have) == len(expected) else
+                f"Progress: {len(have)} of {len(expected)} rows ({len(expected) - len(have)} still to run, about "
+                f"{(left_pre + left_eval) / 60:.0f} hours at the table's pace: {left_pre / 60:.0f} pretraining, "
+                f"{left_eval / 60:.0f} evaluation). ")
+    return [progress +
             f"Wall time in the table: {cpu_minutes / 60:.1f} hours (pretraining and evaluation). "
             f"Machine{'s' if len(machines) > 1 else ''}: {machine_text}. "
             f"densessl {', '.join(sorted({r['densessl'] for r in rows})) or '-'}."]

@@ -82,7 +82,7 @@ def test_a_study_killed_mid_run_and_rerun_has_each_row_once_and_the_report_match
     rnd = [r["metrics"]["knn_top1"] for r in rows if r["run"] == "random" and r["protocol"] == "frozen"]
     line = next(ln for ln in page.splitlines() if ln.startswith("| random |"))
     assert f"{100 * min(rnd):.1f}-{100 * max(rnd):.1f} (n=2)" in line
-    assert "Progress: 8 of 8 rows" in page
+    assert "Progress: 8 of 8 rows, every declared row measured." in page
 
 
 def test_rows_already_in_the_table_are_skipped_and_a_cut_line_is_ignored(tmp_path):
