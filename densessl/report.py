@@ -161,6 +161,11 @@ CLEARS = {">": "clears (every seed above the range)", "<": "below the range (eve
           "~": "inside the range", "": "not measured yet"}
 
 
+def declared_seeds(study: Study) -> dict[str, int]:
+    """How many pretraining seeds the study declares for each run: a verdict needs all of them."""
+    return {r.label: len(r.seeds or study.seeds) for r in study.runs}
+
+
 def clears_lines(study: Study, rows: list[dict]) -> list[str]:
     if not study.clears:
         return []
@@ -171,7 +176,7 @@ def clears_lines(study: Study, rows: list[dict]) -> list[str]:
              "does not clear it.", "",
              *table_head(["run", "paper's protocol", "here: protocol: metric", "run (mean ± 95%, n)", "random range",
                           "verdict"], "lllrrl")]
-    declared = {r.label: len(r.seeds or study.seeds) for r in study.runs}
+    declared = declared_seeds(study)
     for c in study.clears:
         xs, random = values(rows, c.run, c.protocol, c.metric), values(rows, "random", c.protocol, c.metric)
         verdict = CLEARS[mark(xs, random)] if xs else CLEARS[""]
@@ -189,7 +194,7 @@ def method_lines(study: Study, rows: list[dict]) -> list[str]:
     if not study.clears:
         return []
     recipe_of = {r.label: r.recipe for r in study.runs}
-    declared = {r.label: len(r.seeds or study.seeds) for r in study.runs}
+    declared = declared_seeds(study)
     groups: dict[str, list] = {}
     for c in study.clears:
         groups.setdefault(recipe_of[c.run], []).append(c)
