@@ -202,11 +202,12 @@ def method_lines(study: Study, rows: list[dict]) -> list[str]:
     lines = ["Per method (its recipe and the variants above); a variant clears once all its declared seeds are "
              "measured and above the range:", ""]
     for recipe, cs in groups.items():
-        measured = [(c, xs) for c in cs if (xs := values(rows, c.run, c.protocol, c.metric))]
+        every = [(c, values(rows, c.run, c.protocol, c.metric)) for c in cs]
+        measured = [(c, xs) for c, xs in every if xs]
         cleared = [c.run for c, xs in measured
                    if len(xs) >= declared[c.run] and mark(xs, random(c.protocol, c.metric)) == ">"]
         pending = [c.run if not xs else f"{c.run}: {len(xs)} of {declared[c.run]} seeds"
-                   for c in cs if len(xs := values(rows, c.run, c.protocol, c.metric)) < declared[c.run]]
+                   for c, xs in every if len(xs) < declared[c.run]]
         if cleared:
             text = f"clears: {', '.join(cleared)}" + ("" if cs[0].run in cleared else
                                                        f" (not the declared recipe, {cs[0].run})")

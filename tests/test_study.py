@@ -396,3 +396,4 @@ def test_the_progress_line_names_each_machine_quoted_with_its_rows(tmp_path):
             {**row, "run": "byol-scenes", "machine": "Xeon; 1 threads"}]
     line = _provenance(study, rows)[0]
     assert "Machines: `AMD EPYC; 1 threads` (2 rows), `Xeon; 1 threads` (1 row)." in line
+    assert line.startswith("Progress: 3 of 8 rows (5 still to run, about ")  # the tiny study declares 8
